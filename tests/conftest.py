@@ -104,3 +104,15 @@ def tiny_overrides(model_dir: Path, data_dir: Path, output_dir: Path, *extra: st
             f"data.val_file={data_dir / 'val.json'}", f"data.test_file={data_dir / 'test.json'}",
             f"output.dir={output_dir}", "training.learning_rate=1e-2", "training.logging_steps=1",
             "training.eval_steps=10", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Path:
+    """A finished LoRA run on the tiny model (what training/train.py leaves in outputs/)."""
+    from zhlora.config import load_config
+    from zhlora.train import train
+
+    out = tmp_path_factory.mktemp("run") / "outputs"
+    train(load_config(None, tiny_overrides(tiny_model_dir, tiny_data_dir, out, "training.max_steps=30",
+                                           "lora.target_modules=all-linear", "training.eval_steps=10")))
+    return out

@@ -4,6 +4,9 @@
     zhlora validate PATH [PATH ...]
     zhlora doctor   [--config FILE] [key=value ...]
     zhlora train    [--config FILE] [key=value ...]
+    zhlora evaluate --model_path outputs      (zhlora/evaluate.py)
+    zhlora plot     [--output_dir outputs]    (zhlora/plots.py)
+    zhlora demo     --model_path outputs --mode interactive|batch   (zhlora/chat.py)
 
 Every subcommand that reads a config takes `--config` (default configs/default.yaml
 when it exists) and `key=value` overrides such as `lora.r=32`. Errors in the user's
@@ -107,12 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Stages with many options of their own parse their own arguments (see each module's main).
+DELEGATED = {"evaluate": "zhlora.evaluate", "plot": "zhlora.plots", "demo": "zhlora.chat"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    import importlib
+
     from zhlora.data import DataError
     from zhlora.formatting import TemplateError
     from zhlora.models import ModelSourceError
     from zhlora.train import TrainingError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        return importlib.import_module(DELEGATED[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,138 @@
+"""Load a trained run and generate from it: batched (evaluation) or streamed (demo, server).
+
+    model, tokenizer, cfg = load_run("outputs")
+    results = generate(model, tokenizer, [encode_prompt(sample, tokenizer)], max_new_tokens=128)
+
+A run folder (what training/train.py writes) holds config.yaml, which names the base
+model, and either a LoRA adapter (adapter_config.json) or a full model (config.json).
+Prompts always come from formatting.encode_prompt, the function training used.
+
+Batched generation pads on the left (so every prompt ends where generation starts),
+sorts prompts by length (less padding) and uses the KV cache. Greedy by default, so
+results are deterministic and batching does not change the text.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zhlora.config import Config, load_config
+from zhlora.models import load_model, load_tokenizer, pick_device
+
+
+@dataclass
+class Generation:
+    text: str  # the answer, special tokens removed
+    token_ids: list[int]  # generated ids, up to and including EOS when it came
+    finished: bool  # ended with EOS / end-of-turn within the budget
+    seconds: float  # this sample's share of its batch's wall time
+
+
+def load_run(model_path: str | Path, device: str | None = None):
+    """(model, tokenizer, cfg) for a run folder; a LoRA run comes back as a PeftModel."""
+    model_path = Path(model_path)
+    if not (model_path / "config.yaml").is_file():
+        raise FileNotFoundError(f"{model_path}/config.yaml not found: is {model_path} a zhlora run folder "
+                                "(the output.dir of training/train.py)?")
+    cfg: Config = load_config(model_path / "config.yaml")
+    if device:
+        cfg.model.device = device
+    if (model_path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model, _ = load_model(cfg.model)
+        model = PeftModel.from_pretrained(model, str(model_path), adapter_name="default")
+    elif (model_path / "config.json").is_file():
+        cfg.model.name = str(model_path)  # a full fine-tune is a whole model
+        model, _ = load_model(cfg.model)
+    else:
+        raise FileNotFoundError(f"{model_path} holds no adapter_config.json or config.json: "
+                                "training did not finish (resume it with training.resume=true)")
+    tokenizer = load_tokenizer(str(model_path))
+    return model.eval(), tokenizer, cfg
+
+
+def load_base(cfg: Config):
+    """The base model alone (for baselines and `--compare`)."""
+    model, tokenizer = load_model(cfg.model, pick_device(cfg.model.device))
+    return model.eval(), tokenizer
+
+
+def _sampling_kwargs(do_sample: bool, temperature: float, top_p: float) -> dict:
+    if not do_sample:
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 128, batch_size: int = 8,
+             do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> list[Generation]:
+    """Answers for many prompts (token ids), in the order given."""
+    device = next(model.parameters()).device
+    stop = _stop_ids(tokenizer)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    torch.manual_seed(seed)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):  # left padding: prompts end where answers start
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]):] = 1
+        began = time.perf_counter()
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                             **_sampling_kwargs(do_sample, temperature, top_p))
+        seconds = (time.perf_counter() - began) / len(chunk)
+        for row, i in enumerate(chunk):
+            new = out[row, width:].tolist()
+            end = next((k for k, t in enumerate(new) if t in stop), None)
+            kept = new if end is None else new[:end + 1]
+            text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+            results[i] = Generation(text, kept, end is not None, seconds)
+    return results
+
+
+def stream(model, tokenizer, prompt: list[int], max_new_tokens: int = 256, do_sample: bool = True,
+           temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None):
+    """Yield the answer piece by piece as it is generated (the demo and the server)."""
+    from transformers import TextIteratorStreamer
+
+    device = next(model.parameters()).device
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    kwargs = dict(input_ids=torch.tensor([prompt], device=device), attention_mask=torch.ones(
+        (1, len(prompt)), dtype=torch.long, device=device), max_new_tokens=max_new_tokens,
+        eos_token_id=_stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, streamer=streamer,
+        **_sampling_kwargs(do_sample, temperature, top_p))
+    errors: list[BaseException] = []
+
+    def work():
+        try:
+            with torch.no_grad():
+                model.generate(**kwargs)
+        except BaseException as err:  # handed to the caller below, never swallowed
+            errors.append(err)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]
