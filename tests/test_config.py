@@ -5,7 +5,10 @@ import pytest
 
 from zhlora.config import ConfigError, config_from_dict, load_config, save_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1] / "configs"
+# zhlora configs; configs/accelerate/ holds accelerate's launch configs (another schema).
+CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if "accelerate" not in p.parts)
+LAUNCH_CONFIGS = sorted((ROOT / "accelerate").glob("*.yaml"))
 
 
 def test_defaults_are_the_guides():
@@ -40,6 +43,15 @@ def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=None) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=[p.name for p in LAUNCH_CONFIGS])
+def test_accelerate_launch_configs_parse(path):
+    import yaml
+
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("# accelerate launch --config_file")
+    assert yaml.safe_load(text)["distributed_type"] in ("MULTI_GPU", "DEEPSPEED")
 
 
 def test_overrides_parse_types():

@@ -59,7 +59,7 @@ def run_doctor(cfg: Config, color: bool = False) -> int:
     print(render_mask(enc, tokenizer, color))
     trained = [(t, lab) for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE_INDEX]
     print(f"\ntokens: {len(enc['input_ids'])} total, {len(trained)} trained")
-    print("first trained tokens:", [tokenizer.decode([t]) for t, _ in trained[:8]])
+    print("trained token ids:", [t for t, _ in trained])
 
     stats = token_stats(rows, tokenizer, cfg)
     share = stats["supervised_tokens"] / max(1, stats["total_tokens"])

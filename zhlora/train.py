@@ -195,6 +195,7 @@ def train(cfg: Config) -> dict:
     model.train()
     started, window_start = time.perf_counter(), time.perf_counter()
     seen_tokens = seen_sup = window_tokens = window_sup = 0
+    other_seconds = 0.0
     last_loss = last_eval = float("nan")
     start_step = step
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not acc.is_main_process)
@@ -239,11 +240,15 @@ def train(cfg: Config) -> dict:
                              "learning_rate": lr, "grad_norm": grad_norm,
                              "tokens_per_s": window_tokens / elapsed, "supervised_tokens_per_s": window_sup / elapsed})
                 window_start, window_tokens, window_sup = time.perf_counter(), 0, 0
+            paused = time.perf_counter()  # evaluation and saving are not training time
             if val_set and (step % cfg.training.eval_steps == 0 or step == total_steps):
                 last_eval = evaluate_loss(run, val_set)
                 tracker.log({"step": step, "eval_loss": last_eval})
             if step % cfg.training.save_steps == 0 or stop.requested:
                 save_state(run, output_dir, step, epoch, index)
+            paused = time.perf_counter() - paused
+            other_seconds += paused
+            window_start += paused
             if stop.requested:
                 raise TrainingError(f"interrupted at step {step}; checkpoint saved. Resume with: "
                                     f"training.resume=true output.dir={cfg.output.dir}")
@@ -252,13 +257,15 @@ def train(cfg: Config) -> dict:
         bar.close()
         tracker.close()
     wall = time.perf_counter() - started
+    train_seconds = wall - other_seconds
     acc.wait_for_everyone()
     return finish(run, tokenizer, output_dir, {
         "method": cfg.training.method, "model": cfg.model.name, "trainable_params": trainable_n,
         "total_params": total_n, "trainable_percent": 100 * trainable_n / total_n, "steps": step,
         "train_samples": len(train_set), "processes": acc.num_processes, "final_loss": last_loss,
-        "final_eval_loss": last_eval, "wall_seconds": wall, "seconds_per_step": wall / max(1, step - start_step),
-        "tokens_per_s": seen_tokens / wall, "supervised_tokens_per_s": seen_sup / wall,
+        "final_eval_loss": last_eval, "wall_seconds": wall, "eval_and_save_seconds": other_seconds,
+        "seconds_per_step": train_seconds / max(1, step - start_step),
+        "tokens_per_s": seen_tokens / train_seconds, "supervised_tokens_per_s": seen_sup / train_seconds,
         "mixed_precision": acc.mixed_precision, "device": str(acc.device)})
 
 
@@ -304,7 +311,8 @@ def finish(run: Run, tokenizer, output_dir: Path, summary: dict) -> dict:
             summary["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
             summary["peak_memory_kind"] = "process peak RSS"
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-        print(f"[train] done in {summary['wall_seconds']:.1f} s, {summary['seconds_per_step']:.2f} s/step, "
+        print(f"[train] done in {summary['wall_seconds']:.1f} s ({summary['eval_and_save_seconds']:.1f} s of it "
+              f"evaluating and saving), {summary['seconds_per_step']:.2f} s/step, "
               f"{summary['supervised_tokens_per_s']:.0f} supervised tokens/s "
               f"({summary['tokens_per_s']:.0f} total), peak memory {summary['peak_memory_mb']:.0f} MB "
               f"({summary['peak_memory_kind']})")
