@@ -7,6 +7,7 @@ Writes, into the output folder:
   chinese_instructions.json  every row (alpaca: instruction, input, output, task)
   train.json / val.json / test.json  the splits; no val or test row shares its
                              normalised instruction + input with a train row
+  data_problems.txt          with --source: every refused row, PATH:LINE: FIELD: problem
 Then prints a stats report: rows per task and split, token-length percentiles for
 the configured model's tokenizer, and how many samples `data.max_length` truncates.
 """
@@ -24,9 +25,11 @@ GENERATED = "generated"  # --source generated[:N] mixes the built-in tasks with 
 MAX_PRINTED_PROBLEMS = 50
 
 
-def load_sources(specs: list[str], cfg: Config, columns: dict | None, encoding: str) -> list[dict]:
-    """Load and mix every --source; print each refused row (no silent drop)."""
-    loaded = []
+def load_sources(specs: list[str], cfg: Config, columns: dict | None, encoding: str,
+                 problems_file: Path) -> list[dict]:
+    """Load and mix every --source. Every refused row is named in problems_file (the
+    first ones are printed too): nothing is dropped silently."""
+    loaded, problems = [], []
     for spec in specs:
         path, amount = zdata.parse_source_spec(spec)
         if path == GENERATED:
@@ -35,6 +38,7 @@ def load_sources(specs: list[str], cfg: Config, columns: dict | None, encoding: 
             loaded.append((zdata.LoadResult(rows, [], collections.Counter(loaded=len(rows))), None))
             continue
         result = zdata.load_source(path, columns=columns, encoding=encoding)
+        problems += result.problems
         for problem in result.problems[:MAX_PRINTED_PROBLEMS]:
             print(problem)
         if len(result.problems) > MAX_PRINTED_PROBLEMS:
@@ -42,6 +46,10 @@ def load_sources(specs: list[str], cfg: Config, columns: dict | None, encoding: 
         counts = ", ".join(f"{k}={v}" for k, v in sorted(result.counts.items()))
         print(f"[prepare] {path}: {counts}")
         loaded.append((result, amount))
+    if problems:
+        problems_file.parent.mkdir(parents=True, exist_ok=True)
+        problems_file.write_text("".join(f"{p}\n" for p in problems), encoding="utf-8")
+        print(f"[prepare] {len(problems)} rows refused, each listed with its reason in {problems_file}")
     return zdata.mix_sources(loaded, seed=cfg.training.seed)
 
 
@@ -85,7 +93,7 @@ def prepare(cfg: Config, sources: list[str], output_dir: str | Path, columns: di
     """Build and write the dataset files; returns {"paths": ..., "counts": ..., "stats": ...}."""
     output_dir = Path(output_dir)
     if sources:
-        rows = load_sources(sources, cfg, columns, encoding)
+        rows = load_sources(sources, cfg, columns, encoding, output_dir / "data_problems.txt")
     else:
         rows = generate_samples(cfg.data.num_samples, seed=cfg.training.seed)
     if not rows:
