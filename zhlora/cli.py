@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Stages with many options of their own parse their own arguments (see each module's main).
-DELEGATED = {"evaluate": "zhlora.evaluate", "plot": "zhlora.plots", "demo": "zhlora.chat"}
+DELEGATED = {"evaluate": "zhlora.evaluate", "plot": "zhlora.plots", "demo": "zhlora.chat",
+             "serve": "zhlora.server", "experiment": "zhlora.experiment", "params": "zhlora.params"}
 
 
 def main(argv: list[str] | None = None) -> int:
