@@ -164,7 +164,10 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+    # A run folder holds the tokenizer beside an adapter, without a model config.json.
+    folder = Path(name).expanduser()
+    source = str(folder) if (folder / "tokenizer_config.json").is_file() else resolve_model_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         # Only used to fill padding positions; labels are built by formatting.py, so
         # a pad equal to EOS never hides the EOS label.

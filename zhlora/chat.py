@@ -1,0 +1,364 @@
+"""第六步: talk to a trained run, interactively or over a file of questions.
+
+    python examples/demo.py --model_path outputs                     # multi-turn chat, streamed
+    python examples/demo.py --model_path outputs --compare           # base, then fine-tuned, per question
+    python examples/demo.py --model_path outputs --adapters math=outputs_math   # /adapter math switches
+    python examples/demo.py --model_path outputs --mode batch --input questions.jsonl --output answers.jsonl
+
+`zhlora demo ...` is the same command. Every prompt comes from formatting.encode_prompt,
+the function training used, so the demo asks exactly what the model learned to answer.
+
+Choices worth knowing:
+- Sampling: interactive answers are sampled (temperature 0.7, top_p 0.9) unless --greedy
+  or `/set greedy on`; batch answers are greedy (deterministic, comparable between runs)
+  unless --temperature or --top_p is given on the command line.
+- --compare prints the base answer, then the fine-tuned one, each under its own label,
+  rather than in two columns: both stream token by token, and two streaming columns
+  need a full-screen terminal UI. The history keeps the fine-tuned answer, so in later
+  turns the base model continues the fine-tuned conversation.
+- "base" is the run's own PeftModel with every adapter disabled (no second copy in
+  memory). A full fine-tune has no adapter: --compare loads the base model named in
+  its config.yaml beside it.
+- Ctrl-C stops the demo (status 130): generation runs in a thread that cannot be cut
+  short, so going back to the prompt would let two answers run at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zhlora.config import ConfigError, load_config
+from zhlora.formatting import TemplateError, encode_prompt
+from zhlora.generation import generate, load_base, load_run, stream
+from zhlora.models import ModelSourceError
+from zhlora.readers import decode, read_jsonl
+
+HELP = """命令 (commands):
+  /reset                  清空对话历史 (clear the history)
+  /adapter NAME           切换 adapter ({names}); base = 关闭 adapter 的基础模型
+  /set temperature 0.3    采样设置, 也可 top_p 0.8, max_new_tokens 64, greedy on|off
+  /help                   显示本帮助
+  /exit                   退出 (Ctrl-D 同样)"""
+
+
+class ChatError(ValueError):
+    """A demo argument or input zhlora refuses; the message says what to change."""
+
+
+def _number(key: str, kind, ok, rule: str):
+    """A parser for one numeric setting, shared by argparse and `/set`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key} {text}: not a{'n integer' if kind is int else ' number'}") from None
+        if not ok(value):  # NaN fails every comparison, so it is refused too
+            raise argparse.ArgumentTypeError(f"{key} {text}: {rule}")
+        return value
+    return parse
+
+
+def _on_off(text: str) -> bool:
+    if text.lower() not in ("on", "off", "true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"greedy {text}: write on or off")
+    return text.lower() in ("on", "true", "1")
+
+
+SETTINGS = {  # what `/set KEY VALUE` may change
+    "temperature": _number("temperature", float, lambda v: 0 < v < float("inf"), "must be > 0 (no sampling: greedy)"),
+    "top_p": _number("top_p", float, lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "max_new_tokens": _number("max_new_tokens", int, lambda v: v >= 1, "must be >= 1"),
+    "greedy": _on_off,
+}
+
+
+@dataclass
+class Sampling:
+    """How answers are generated; `/set KEY VALUE` changes one field."""
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    greedy: bool = False
+
+    def kwargs(self) -> dict:
+        """The keyword arguments generation.generate and generation.stream share."""
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": not self.greedy,
+                "temperature": self.temperature, "top_p": self.top_p}
+
+    def describe(self) -> str:
+        if self.greedy:
+            return f"greedy, max_new_tokens {self.max_new_tokens}"
+        return f"temperature {self.temperature}, top_p {self.top_p}, max_new_tokens {self.max_new_tokens}"
+
+
+@dataclass
+class Chat:
+    """The models that can answer, which one does, how it samples, and the conversation."""
+    model: object  # a PeftModel for a LoRA run, a plain model for a full fine-tune
+    tokenizer: object
+    template: str  # cfg.model.template, as in training
+    sampling: Sampling
+    adapters: list[str]  # adapter names in the PeftModel; ["default"] stands for a full fine-tune
+    is_lora: bool
+    base: object | None = None  # the base model beside a full fine-tune (--compare), else None
+    active: str = "default"  # an adapter name, or "base"
+    compare: bool = False
+    history: list[dict] = field(default_factory=list)
+
+    def names(self) -> list[str]:
+        return self.adapters + (["base"] if self.is_lora or self.base is not None else [])
+
+
+@contextmanager
+def answering_as(chat: Chat, name: str):
+    """The model that answers as `name`: the active adapter, or the base model."""
+    if name != "base":
+        yield chat.model
+    elif chat.base is not None:
+        yield chat.base
+    else:
+        with chat.model.disable_adapter():  # every adapter off: exactly the base weights
+            yield chat.model
+
+
+def parse_adapters(text: str | None) -> list[tuple[str, Path]]:
+    """--adapters math=outputs_math,code=outputs_code -> [("math", Path(...)), ...]"""
+    pairs = []
+    for item in filter(None, (text or "").split(",")):
+        name, _, path = (part.strip() for part in item.partition("="))
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", name) or not path:
+            raise ChatError(f"--adapters {item}: write name=path, e.g. math=outputs_math")
+        if name in ("base", "default") or name in [n for n, _ in pairs]:
+            raise ChatError(f"--adapters {item}: the name {name} is taken (base and default are reserved)")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise ChatError(f"--adapters {item}: {path}/adapter_config.json not found; is it a LoRA run folder?")
+        pairs.append((name, Path(path)))
+    return pairs
+
+
+def load_chat(args) -> Chat:
+    extra = parse_adapters(args.adapters)  # before the model load: a typo fails in a second
+    from peft import PeftModel
+
+    model, tokenizer, cfg = load_run(args.model_path)
+    is_lora = isinstance(model, PeftModel)
+    if extra and not is_lora:
+        raise ChatError(f"--adapters: {args.model_path} is a full fine-tune; adapters need a LoRA run")
+    for name, path in extra:
+        try:
+            model.load_adapter(str(path), adapter_name=name)
+        except (RuntimeError, ValueError, KeyError, OSError) as err:  # e.g. trained on another base model
+            raise ChatError(f"--adapters {name}={path}: cannot load it onto this base model: {err}") from err
+    base = None
+    if args.compare and not is_lora:
+        base, _ = load_base(load_config(Path(args.model_path) / "config.yaml"))  # model.name = the base
+    greedy = args.greedy or (args.mode == "batch" and args.temperature is None and args.top_p is None)
+    sampling = Sampling(args.max_new_tokens, 0.7 if args.temperature is None else args.temperature,
+                        0.9 if args.top_p is None else args.top_p, greedy)
+    return Chat(model.eval(), tokenizer, cfg.model.template, sampling, ["default"] + [n for n, _ in extra],
+                is_lora, base, compare=args.compare)
+
+
+# ---- interactive -------------------------------------------------------------------
+
+
+def stream_answer(chat: Chat, name: str, prompt: list[int]) -> str:
+    """Print one answer as it is generated, after a label naming who answers; return its text."""
+    label = name if not chat.compare else ("base · 未微调" if name == "base" else f"{name} · 微调后")
+    print(f"助手[{label}]> ", end="", flush=True)
+    pieces: list[str] = []
+    with answering_as(chat, name) as model:
+        for piece in stream(model, chat.tokenizer, prompt, **chat.sampling.kwargs()):
+            if not pieces:
+                piece = piece.lstrip()  # answers often open with a newline
+                if not piece:
+                    continue
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+    text = "".join(pieces).strip()
+    print("" if text else "(空回答 / empty answer)")
+    return text
+
+
+def ask(chat: Chat, question: str) -> None:
+    user = {"role": "user", "content": question}
+    prompt = encode_prompt(chat.history + [user], chat.tokenizer, chat.template)
+    if chat.compare and chat.active != "base":
+        stream_answer(chat, "base", prompt)
+    answer = stream_answer(chat, chat.active, prompt)
+    chat.history += [user, {"role": "assistant", "content": answer}]
+
+
+def command(chat: Chat, line: str) -> bool:
+    """Run one /command; False means exit."""
+    name, *rest = line.split()
+    if name in ("/exit", "/quit"):
+        return False
+    if name == "/help":
+        print(HELP.format(names=", ".join(chat.names())))
+    elif name == "/reset":
+        chat.history.clear()
+        print("已清空对话历史 (history cleared)")
+    elif name == "/adapter":
+        switch_adapter(chat, rest[0] if rest else None)
+    elif name == "/set" and len(rest) == 2 and rest[0] in SETTINGS:
+        try:
+            setattr(chat.sampling, rest[0], SETTINGS[rest[0]](rest[1]))
+            print(f"已设置 {rest[0]} = {rest[1]} ({chat.sampling.describe()})")
+        except argparse.ArgumentTypeError as err:
+            print(f"无效的值 (invalid value): {err}")
+    elif name == "/set":
+        print(f"用法 (usage): /set KEY VALUE, KEY 是 {', '.join(SETTINGS)}; 当前: {chat.sampling.describe()}")
+    else:
+        print(f"未知命令 (unknown command) {name}; /help 查看命令")
+    return True
+
+
+def switch_adapter(chat: Chat, name: str | None) -> None:
+    names = ", ".join(chat.names())
+    if name is None:
+        print(f"当前 adapter: {chat.active}; 可用 (available): {names}")
+    elif name not in chat.names():
+        hint = "" if chat.is_lora else " (全量微调 full fine-tune: 没有 adapter, base 需要 --compare)"
+        print(f"未知 adapter: {name}; 可用 (available): {names}{hint}")
+    else:
+        if name != "base" and chat.is_lora:
+            chat.model.set_adapter(name)
+        chat.active = name
+        print(f"已切换到 adapter: {name}" + (" (基础模型 base model)" if name == "base" else ""))
+
+
+def interactive(chat: Chat) -> int:
+    """Read questions and /commands from stdin until /exit or end of input."""
+    tty = sys.stdin.isatty()
+    kind = f"LoRA adapters: {', '.join(chat.adapters)}, base" if chat.is_lora else "full fine-tune"
+    print(f"zhlora demo ({kind}); sampling: {chat.sampling.describe()}")
+    print("输入问题开始对话; /help 查看命令, /exit 退出。" + (" --compare: 先 base, 后微调模型。" if chat.compare else ""))
+    while True:
+        try:
+            line = input("你> " if tty else "").strip()
+        except EOFError:
+            print()
+            return 0
+        if not tty:
+            print(f"你> {line}")  # echo piped input, so the transcript reads like the chat
+        if line.startswith("/"):
+            if not command(chat, line):
+                return 0
+        elif line:
+            ask(chat, line)
+
+
+# ---- batch ---------------------------------------------------------------------------
+
+
+def read_questions(path: Path, chat: Chat) -> tuple[list[dict], list[list[int]], list[str]]:
+    """Rows of a JSONL file, their prompts, and `PATH:LINE: problem` for each line skipped."""
+    text, issue = decode(path.read_bytes(), "utf-8")
+    if issue:
+        return [], [], [f"{path}:{issue.line}: {issue.message}"]
+    records, issues = read_jsonl(text)
+    problems = [(i.line, i.message) for i in issues]
+    rows, prompts = [], []
+    for line, row in records:
+        if not isinstance(row, dict):
+            problems.append((line, 'expected a JSON object such as {"instruction": "...", "input": "..."}'))
+        elif not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
+            problems.append((line, "instruction: missing or empty"))
+        elif not isinstance(row.get("input", ""), str):
+            problems.append((line, "input: must be a string"))
+        else:
+            try:
+                prompts.append(encode_prompt(row, chat.tokenizer, chat.template))
+                rows.append(row)
+            except (TypeError, ValueError, KeyError) as err:  # e.g. a malformed `history`
+                problems.append((line, f"cannot build the prompt: {err}"))
+    return rows, prompts, [f"{path}:{line}: {message}" for line, message in sorted(problems)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object a line, atomically (temp file in the same folder, then os.replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temp, "x", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)  # only still there if something failed before replace
+
+
+def batch(chat: Chat, input_path: Path, output_path: Path, seed: int) -> int:
+    """Answer every row of --input (batched generation), write them with `response` to --output."""
+    rows, prompts, problems = read_questions(input_path, chat)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    columns = [("response", chat.active)] + ([("base_response", "base")] if chat.compare else [])
+    for column, name in columns:
+        with answering_as(chat, name) as model:
+            answers = generate(model, chat.tokenizer, prompts, seed=seed, **chat.sampling.kwargs())
+        for row, answer in zip(rows, answers):
+            row[column] = answer.text
+    write_jsonl(output_path, rows)
+    skipped = f"; 跳过 {len(problems)} 行有问题的输入 (skipped bad lines)" if problems else ""
+    print(f"已写入 {len(rows)} 条回答 -> {output_path} ({chat.sampling.describe()}){skipped}")
+    return 1 if problems else 0
+
+
+# ---- command line --------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zhlora demo", description="第六步: chat with a trained run")
+    parser.add_argument("--model_path", default="outputs", help="a run folder (output.dir of training)")
+    parser.add_argument("--mode", choices=["interactive", "batch"], default="interactive")
+    parser.add_argument("--input", type=Path, help="batch: JSONL of {instruction, input} rows")
+    parser.add_argument("--output", type=Path, help="batch: the rows with `response` added")
+    parser.add_argument("--compare", action="store_true",
+                        help="answer with the base model too (interactive: printed first; batch: base_response)")
+    parser.add_argument("--max_new_tokens", type=SETTINGS["max_new_tokens"], default=256)
+    parser.add_argument("--temperature", type=SETTINGS["temperature"], default=None,
+                        help="default 0.7; in batch mode giving it (or --top_p) turns sampling on")
+    parser.add_argument("--top_p", type=SETTINGS["top_p"], default=None, help="default 0.9")
+    parser.add_argument("--greedy", action="store_true", help="no sampling (batch mode's default)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (batch default 0)")
+    parser.add_argument("--adapters", default=None,
+                        help="more LoRA adapters to switch between: name=path,... (/adapter name)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.mode == "batch" and not (args.input and args.output):
+        parser.error("--mode batch needs --input FILE and --output FILE")
+    if args.mode == "batch" and not args.input.is_file():
+        parser.error(f"--input {args.input}: no such file")  # before the model load, not after
+    try:
+        chat = load_chat(args)
+        if args.mode == "batch":
+            return batch(chat, args.input, args.output, 0 if args.seed is None else args.seed)
+        if args.seed is not None:
+            import torch
+
+            torch.manual_seed(args.seed)  # once: the whole session repeats, each answer still varies
+        return interactive(chat)
+    except (ChatError, ConfigError, ModelSourceError, OSError, TemplateError) as err:  # OSError: paths
+        print(f"zhlora demo: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\n已中断 (interrupted)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
