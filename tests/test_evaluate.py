@@ -1,0 +1,149 @@
+"""Smoke tests of the evaluation stage on the tiny LoRA run (tests/conftest.py): the two
+files and their schema, the baseline, batching, train/eval prompt identity, the refusal
+of the train file, and the CLI.
+
+    python -m pytest tests/test_evaluate.py -q
+"""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_overrides
+from zhlora import metrics
+from zhlora.config import ConfigError, load_config
+from zhlora.evaluate import DELTA_METRICS, evaluate_run, main
+from zhlora.formatting import IGNORE_INDEX, encode_prompt, encode_sample
+
+TOP_LEVEL = [*metrics.HEADLINE, "test_loss", "perplexity", "num_samples", "ci", "per_task", "baseline", "delta",
+             "config", "versions", "settings", "definitions"]
+PREDICTION_KEYS = ["instruction", "input", "task", "prompt", "reference", "prediction", "baseline_prediction",
+                   "finished", "exact_match", "similarity", "rouge_l", "bleu_4", "generation_time"]
+FAST = dict(max_samples=6, max_new_tokens=12)  # 12 test rows in the tiny split; 12 tokens keep it quick
+
+
+def copy_run(src, dst):
+    """Evaluation writes into the run folder: work on a copy, so the shared fixture stays pristine."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+def strict_json(text: str):
+    return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not valid JSON"))
+
+
+def read_predictions(run):
+    return [strict_json(line) for line in (run / "predictions.jsonl").read_text("utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_run_dir, tmp_path_factory):
+    run = copy_run(tiny_run_dir, tmp_path_factory.mktemp("eval") / "run")
+    return run, evaluate_run(run, batch_size=4, **FAST)
+
+
+def test_writes_results_with_every_documented_key(evaluated):
+    run, returned = evaluated
+    results = strict_json((run / "evaluation_results.json").read_text("utf-8"))
+    assert list(results) == TOP_LEVEL
+    assert results["num_samples"] == FAST["max_samples"]
+    assert set(results["baseline"]) >= {*metrics.HEADLINE, "test_loss", "perplexity", "ci", "per_task"}
+    for key in DELTA_METRICS:
+        assert results["delta"][key] == pytest.approx(results[key] - results["baseline"][key])
+    assert set(results["ci"]) == set(metrics.CI_METRICS)
+    for key, interval in results["ci"].items():
+        if interval is not None:
+            assert interval[0] <= results[key] <= interval[1], key
+    assert sum(row["n"] for row in results["per_task"].values()) == FAST["max_samples"]
+    assert results["perplexity"] == pytest.approx(math.exp(results["test_loss"]))
+    assert results["definitions"] == metrics.DEFINITIONS
+    assert results["settings"] == {"batch_size": 4, "max_new_tokens": 12, "decoding": "greedy",
+                                   "test_data": results["config"]["data"]["test_file"], "max_samples": 6,
+                                   "device": "cpu"}
+    assert set(results["versions"]) == {"python", "torch", "transformers", "peft", "zhlora"}
+    assert results["config"]["lora"]["target_modules"] == ["all-linear"]  # the run's own config
+    assert not list(run.glob(".evaluation_results.json.*"))  # no temp file left behind
+
+    rows = read_predictions(run)
+    test_rows = json.loads(open(results["settings"]["test_data"], encoding="utf-8").read())[:6]
+    assert [r["reference"] for r in rows] == [t["output"] for t in test_rows]  # file order
+    for row in rows:
+        assert list(row) == PREDICTION_KEYS
+        assert (row["exact_match"] is None) == (row["task"] not in metrics.CHECKABLE_TASKS)
+        assert row["prompt"].endswith("<|im_start|>assistant\n")
+
+
+def test_test_loss_is_the_token_mean_over_answers(evaluated, tiny_run_dir):
+    """Batched, padded test loss == the per-row, unpadded sum over supervised tokens."""
+    from zhlora.generation import load_run
+
+    run, results = evaluated
+    model, tokenizer, cfg = load_run(tiny_run_dir, "cpu")
+    rows = json.loads(open(results["settings"]["test_data"], encoding="utf-8").read())[:6]
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            sample = encode_sample(row, tokenizer, cfg.model.template, cfg.data.max_length)
+            logits = model(input_ids=torch.tensor([sample["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(sample["labels"][1:])
+            total += F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
+            tokens += int((labels != IGNORE_INDEX).sum())
+    assert results["test_loss"] == pytest.approx(total / tokens, rel=1e-5)
+    assert results["test_loss"] < results["baseline"]["test_loss"]  # 30 LoRA steps already help
+
+
+def test_no_baseline_and_one_by_one_equals_batched(evaluated, tmp_path):
+    batched_run, _ = evaluated
+    run = copy_run(batched_run, tmp_path / "run")
+    results = evaluate_run(run, batch_size=1, baseline=False, **FAST)
+    assert "baseline" not in results and "delta" not in results
+    one_by_one = read_predictions(run)
+    assert all("baseline_prediction" not in row for row in one_by_one)
+    # greedy decoding: left padding and batching must not change a single answer
+    assert [r["prediction"] for r in one_by_one] == [r["prediction"] for r in read_predictions(batched_run)]
+
+
+@pytest.mark.parametrize("template", ["auto", "alpaca"])
+def test_eval_prompt_is_the_training_prompt(tiny_tokenizer, tiny_data_dir, template):
+    rows = json.loads((tiny_data_dir / "test.json").read_text("utf-8"))
+    for row in rows:
+        sample = encode_sample(row, tiny_tokenizer, template)
+        masked = next(k for k, label in enumerate(sample["labels"]) if label != IGNORE_INDEX)
+        assert encode_prompt(row, tiny_tokenizer, template) == sample["input_ids"][:masked]
+
+
+def test_train_file_is_refused(tiny_run_dir, tmp_path, capsys):
+    train_file = load_config(tiny_run_dir / "config.yaml").data.train_file
+    with pytest.raises(ConfigError, match="training file"):
+        evaluate_run(tiny_run_dir, test_data=train_file)
+    copy = tmp_path / "renamed.json"  # a copy under another name is still the train file
+    shutil.copy(train_file, copy)
+    assert main(["--model_path", str(tiny_run_dir), "--test_data", str(copy)]) == 2
+    assert "training file" in capsys.readouterr().err
+    assert not (tiny_run_dir / "evaluation_results.json").exists()
+
+
+def test_cli_evaluate(tiny_run_dir, tmp_path, capsys):
+    from zhlora.cli import main as zhlora
+
+    run = copy_run(tiny_run_dir, tmp_path / "run")
+    assert zhlora(["evaluate", "--model_path", str(run), "--max_samples", "4", "--max_new_tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "exact_match" in out and "95% CI" in out and "exact match by task" in out
+    assert strict_json((run / "evaluation_results.json").read_text("utf-8"))["num_samples"] == 4
+    assert zhlora(["evaluate", "--model_path", str(tmp_path / "missing")]) == 2
+
+
+def test_full_fine_tune_loads_the_base_for_its_baseline(tiny_model_dir, tiny_data_dir, tmp_path):
+    from zhlora.train import train
+
+    run = tmp_path / "full"
+    train(load_config(None, tiny_overrides(tiny_model_dir, tiny_data_dir, run, "training.method=full",
+                                           "training.max_steps=2", "training.learning_rate=1e-3")))
+    results = evaluate_run(run, max_samples=2, max_new_tokens=4)
+    assert results["config"]["model"]["name"] == str(tiny_model_dir)  # the base, not the run folder
+    assert results["baseline"]["test_loss"] != results["test_loss"]
+    assert len(read_predictions(run)) == 2

@@ -1,0 +1,163 @@
+"""Unit tests for zhlora.metrics: each metric against a value worked out by hand.
+
+    python -m pytest tests/test_metrics.py -q
+
+The BLEU and ROUGE expectations are computed in the comments from the n-gram counts,
+not by calling the library the same way the code does, so a wrong call shows up.
+"""
+import math
+
+import jieba
+import numpy as np
+import pytest
+
+from zhlora import metrics
+from zhlora.metrics import bleu_4, bootstrap_ci, exact_match, rouge, score_sample, similarity, success, summarize
+
+
+# --- bleu_4: character BLEU-4 with NIST smoothing (nltk method3), x 100 ----------------
+
+def test_bleu_one_character_differs():
+    # 我喜欢猫 vs 我喜欢狗: p1 = 3/4, p2 = 2/3, p3 = 1/2, p4 = 0/1 -> method3: 1 / (2^1 * 1) = 1/2;
+    # same length, so no brevity penalty: (3/4 * 2/3 * 1/2 * 1/2) ** (1/4) = 0.125 ** 0.25
+    assert bleu_4("我喜欢猫", "我喜欢狗") == pytest.approx(100 * 0.125 ** 0.25, abs=1e-4)
+
+
+def test_bleu_brevity_penalty():
+    # 一千二百 is a prefix of 一千二百三十四: every n-gram matches, BP = exp(1 - 7/4)
+    assert bleu_4("一千二百", "一千二百三十四") == pytest.approx(100 * math.exp(1 - 7 / 4), abs=1e-4)
+
+
+def test_bleu_short_perfect_answer_is_not_100():
+    # "12": p1 = p2 = 1, no 3- or 4-grams -> method3 gives 1/2 then 1/4: (1/8) ** (1/4)
+    assert bleu_4("12", "12") == pytest.approx(100 * 0.125 ** 0.25, abs=1e-4)
+    assert bleu_4("一千二百三十四", "一千二百三十四") == 100.0
+
+
+def test_bleu_keeps_punctuation_and_scores_empty_as_zero():
+    # 你好。 vs 你好: p1 = 2/3, p2 = 1/2, p3 = 0/1 -> 1/2, p4 = 0/1 -> 1/4; BP = 1 (longer)
+    assert bleu_4("你好。", "你好") == pytest.approx(100 * (2 / 3 * 1 / 2 * 1 / 2 * 1 / 4) ** 0.25, abs=1e-4)
+    assert bleu_4("", "你好") == 0.0
+    assert bleu_4("   ", "你好") == 0.0
+    assert bleu_4("你好", "") == 0.0
+    assert isinstance(bleu_4("甲", "乙"), float)
+
+
+# --- rouge: F x 100 on jieba words ---------------------------------------------------
+
+def test_rouge_on_words():
+    # the hand computation below rests on this segmentation
+    assert list(jieba.cut("我喜欢猫")) == ["我", "喜欢", "猫"]
+    assert list(jieba.cut("我喜欢狗")) == ["我", "喜欢", "狗"]
+    scores = rouge("我喜欢猫", "我喜欢狗")
+    # unigrams: 2 of 3 shared -> P = R = F = 2/3; bigrams: (我,喜欢) of 2 -> 1/2; LCS 我 喜欢 -> 2/3
+    assert scores == pytest.approx({"rouge_1": 66.6667, "rouge_2": 50.0, "rouge_l": 66.6667}, abs=1e-4)
+    assert rouge("我喜欢猫", "我喜欢猫") == {"rouge_1": 100.0, "rouge_2": 100.0, "rouge_l": 100.0}
+
+
+def test_rouge_keeps_punctuation_and_scores_empty_as_zero():
+    # ["。"] vs ["你好", "。"]: P = 1, R = 1/2 -> F = 2/3; punctuation is a word, as in LLaMA-Factory
+    assert rouge("。", "你好。")["rouge_1"] == pytest.approx(66.6667, abs=1e-4)
+    zeros = {"rouge_1": 0.0, "rouge_2": 0.0, "rouge_l": 0.0}
+    assert rouge("", "你好") == zeros
+    assert rouge(" \n", "你好") == zeros
+    assert rouge("你好", "") == zeros
+
+
+# --- similarity: difflib ratio on normalised text --------------------------------------
+
+def test_similarity():
+    assert similarity("我喜欢猫", "我喜欢狗") == pytest.approx(2 * 3 / 8)  # 3 matched of 4 + 4 characters
+    assert similarity("１２３", "123") == 1.0  # NFKC: full-width digits are digits
+    assert similarity(" 你好\n世界 ", "你好 世界") == 1.0  # whitespace runs collapse
+    assert similarity("", "你好") == 0.0
+    assert similarity("", "") == 0.0  # never "identical" when there is no answer
+
+
+def test_similarity_has_no_autojunk():
+    # difflib's autojunk drops characters seen in > 1% of a 200+ character string; it is off
+    long = "一二三四五" * 60
+    assert similarity(long, long) == 1.0
+    assert similarity(long + "六", long) == pytest.approx(2 * 300 / 601)
+
+
+# --- success and exact match -------------------------------------------------------------
+
+def test_success_needs_an_answer_and_a_stop():
+    assert success("一千", finished=True)
+    assert not success("一千", finished=False)  # ran out of max_new_tokens
+    assert not success("  ", finished=True)  # stopped at once: empty answer
+
+
+@pytest.mark.parametrize("task, prediction, reference, expected", [
+    ("num2cn", "一千二百三十四。", "一千二百三十四", True),  # trailing 。 dropped
+    ("num2cn", "一千二百三十五", "一千二百三十四", False),
+    ("sort", "1, 3, 9", "[1, 3, 9]", True),  # sort compares the integers
+    ("extreme", "9", "8", False),
+    ("pinyin", "Wǒ Men", "wǒ men", True),  # pinyin ignores case
+    ("cn2num", "１２３４", "1234", True),  # NFKC
+    ("open_qa", "长城很长", "长城很长", None),  # not checkable
+    ("user", "x", "x", None),  # user data without an oracle
+])
+def test_exact_match_per_task(task, prediction, reference, expected):
+    assert exact_match(task, prediction, reference) is expected
+
+
+# --- summarize -------------------------------------------------------------------------
+
+def test_summarize_means_and_per_task():
+    scores = [score_sample("num2cn", "一千", "一千", True, 3, 0.5),
+              score_sample("num2cn", "一百", "一千", False, 8, 0.5),
+              score_sample("open_qa", "我喜欢猫", "我喜欢狗", True, 5, 1.0)]
+    summary = summarize(scores)
+    assert summary["num_samples"] == 3
+    assert summary["success_rate"] == pytest.approx(2 / 3)
+    assert summary["exact_match"] == pytest.approx(1 / 2)  # over the 2 checkable samples only
+    assert summary["avg_length"] == pytest.approx((2 + 2 + 4) / 3)
+    assert summary["avg_length_tokens"] == pytest.approx((3 + 8 + 5) / 3)
+    assert summary["avg_generation_time"] == pytest.approx(2 / 3)
+    assert summary["avg_similarity"] == pytest.approx((1 + 0.5 + 0.75) / 3)
+    assert summary["per_task"]["num2cn"] == pytest.approx({"n": 2, "exact_match": 0.5, "avg_similarity": 0.75,
+                                                           "rouge_l": np.mean([s["rouge_l"] for s in scores[:2]])})
+    assert "exact_match" not in summary["per_task"]["open_qa"]
+    assert set(summary["ci"]) == set(metrics.CI_METRICS)
+    low, high = summary["ci"]["success_rate"]
+    assert low <= summary["success_rate"] <= high
+
+
+def test_summarize_without_checkable_samples():
+    summary = summarize([score_sample("open_qa", "你好", "你好", True, 2, 0.1)])
+    assert summary["exact_match"] is None
+    assert summary["ci"]["exact_match"] is None
+
+
+# --- bootstrap ---------------------------------------------------------------------------
+
+def test_bootstrap_ci_contains_the_mean_and_is_deterministic():
+    values = np.random.default_rng(1).integers(0, 2, size=100).astype(float)
+    low, high = bootstrap_ci(values)
+    assert low < values.mean() < high
+    assert bootstrap_ci(values) == (low, high)
+    assert bootstrap_ci(values, seed=1) != (low, high)
+    # normal approximation for a proportion: mean +- 1.96 * sqrt(p (1 - p) / n)
+    half = 1.96 * math.sqrt(values.mean() * (1 - values.mean()) / len(values))
+    assert low == pytest.approx(values.mean() - half, abs=0.02)
+    assert high == pytest.approx(values.mean() + half, abs=0.02)
+    assert bootstrap_ci(values, alpha=0.5)[1] - bootstrap_ci(values, alpha=0.5)[0] < high - low
+
+
+def test_bootstrap_ci_degenerate_and_empty():
+    assert bootstrap_ci([0.1] * 10) == (0.1, 0.1)
+    assert bootstrap_ci([1.0]) == (1.0, 1.0)
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+
+
+# --- definitions -------------------------------------------------------------------------
+
+def test_every_metric_is_defined_once_in_the_docstring():
+    assert list(metrics.DEFINITIONS) == [*metrics.HEADLINE, "test_loss", "perplexity"]
+    for name, line in metrics.DEFINITIONS.items():
+        assert line and "\n" not in line, name
+    assert metrics.perplexity(math.log(5.0)) == pytest.approx(5.0)
+    assert metrics.perplexity(1000.0) == math.inf
