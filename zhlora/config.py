@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,7 @@ class TrainingConfig:
     logging_steps: int = 5
     eval_steps: int = 50
     save_steps: int = 100
+    progressive: list[str] = field(default_factory=list)  # grow LoRA: ["16@100", "32@200"] = r 16 after step 100...
     resume: str = "false"  # false | true (last checkpoint in output.dir) | a checkpoint path
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb
 
@@ -123,6 +125,8 @@ _RULES = {
     "training.logging_steps": (lambda v: v > 0, "must be > 0"),
     "training.eval_steps": (lambda v: v > 0, "must be > 0"),
     "training.save_steps": (lambda v: v > 0, "must be > 0"),
+    "training.progressive": (lambda v: all(re.fullmatch(r"\d+@\d+", item) for item in v),
+                             "items are R@STEP, e.g. [16@100, 32@200] (grow to r=16 after step 100)"),
     "training.report_to": (lambda v: set(v) <= {"tensorboard", "wandb"}, "may hold only tensorboard and wandb"),
 }
 

@@ -30,6 +30,7 @@ from zhlora.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from zhlora.config import Config, ConfigError, save_config
 from zhlora.formatting import IGNORE_INDEX, encode_sample
 from zhlora.models import load_model, resolve_model_path
+from zhlora.progressive import grow_lora, parse_schedule
 from zhlora.tracking import Tracker
 from zhlora.train_setup import Run, check_output_dir, load_split, make_accelerator, resume_point
 
@@ -167,8 +168,16 @@ def train(cfg: Config) -> dict:
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
         (s + 1) / max(1, warmup), max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
 
+    growth = dict(parse_schedule(cfg.training.progressive, cfg.lora.r)) if cfg.training.progressive else {}
+    if growth and (acc.num_processes > 1 or cfg.training.method != "lora" or cfg.lora.backend != "peft"):
+        raise ConfigError("training.progressive: needs one process, training.method=lora and lora.backend=peft")
     step, epoch, index = 0, 0, 0
     if resume_from is not None:
+        done = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8"))["step"]
+        for at, r in growth.items():  # the checkpoint holds the grown shapes
+            if at <= done:
+                grow_lora(acc.unwrap_model(model), raw_optimizer(optimizer), r)
+        params = [p for p in model.parameters() if p.requires_grad]
         tensors, state = load_checkpoint(resume_from, optimizer, run.scheduler)
         acc.unwrap_model(model).load_state_dict(tensors, strict=False)
         step, epoch, index = state["step"], state["epoch"], state["next_index"]
@@ -228,6 +237,10 @@ def train(cfg: Config) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             last_loss = loss
+            if step in growth:
+                grow_lora(acc.unwrap_model(model), raw_optimizer(optimizer), growth[step])
+                params = [p for p in model.parameters() if p.requires_grad]
+                acc.print(f"\n[train] step {step}: LoRA rank grown to r={growth[step]}")
             epoch, index = micro[-1][0], micro[-1][1] + 1
             tokens = sum(int(b.get("attention_mask", (b["input_ids"] >= 0)).sum()) for b in batches)
             tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum"))
@@ -260,6 +273,7 @@ def train(cfg: Config) -> dict:
     wall = time.perf_counter() - started
     train_seconds = wall - other_seconds
     acc.wait_for_everyone()
+    trainable_n = count_parameters(model)[0]  # progressive growth changes it
     return finish(run, tokenizer, output_dir, {
         "method": cfg.training.method, "model": cfg.model.name, "trainable_params": trainable_n,
         "total_params": total_n, "trainable_percent": 100 * trainable_n / total_n, "steps": step,
@@ -280,12 +294,16 @@ def batches_per_epoch(run: Run) -> int:
     return count
 
 
+def raw_optimizer(optimizer):
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def save_state(run: Run, output_dir: Path, step: int, epoch: int, next_index: int) -> None:
     if run.acc.is_main_process:
         save_checkpoint(output_dir / "checkpoints" / f"checkpoint-{step}",
-                        trainable_state(run.acc.unwrap_model(run.model)), run.optimizer.optimizer
-                        if hasattr(run.optimizer, "optimizer") else run.optimizer, run.scheduler,
-                        {"step": step, "epoch": epoch, "next_index": next_index})
+                        trainable_state(run.acc.unwrap_model(run.model)), raw_optimizer(run.optimizer),
+                        run.scheduler, {"step": step, "epoch": epoch, "next_index": next_index})
     run.acc.wait_for_everyone()
 
 
