@@ -7,6 +7,7 @@
     zhlora evaluate --model_path outputs      (zhlora/evaluate.py)
     zhlora plot     [--output_dir outputs]    (zhlora/plots.py)
     zhlora demo     --model_path outputs --mode interactive|batch   (zhlora/chat.py)
+    zhlora merge    --model_path outputs --output merged            (zhlora/merge.py)
 
 Every subcommand that reads a config takes `--config` (default configs/default.yaml
 when it exists) and `key=value` overrides such as `lora.r=32`. Errors in the user's
@@ -112,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Stages with many options of their own parse their own arguments (see each module's main).
 DELEGATED = {"evaluate": "zhlora.evaluate", "plot": "zhlora.plots", "demo": "zhlora.chat",
-             "serve": "zhlora.server", "experiment": "zhlora.experiment", "params": "zhlora.params"}
+             "serve": "zhlora.server", "experiment": "zhlora.experiment", "params": "zhlora.params",
+             "merge": "zhlora.merge", "merge-adapters": "zhlora.merge:main_adapters"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in DELEGATED:
-        return importlib.import_module(DELEGATED[argv[0]]).main(argv[1:])
+        module, _, function = DELEGATED[argv[0]].partition(":")
+        return getattr(importlib.import_module(module), function or "main")(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
