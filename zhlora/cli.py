@@ -76,6 +76,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from zhlora.train import train
+
+    cfg = _load(args)
+    if not cfg.training.distill_teacher:
+        raise ConfigError("training.distill_teacher: distill needs a teacher (a model or a run folder)")
+    train(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zhlora", description="LoRA fine-tuning on Chinese instruction data")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="LoRA (or full) fine-tuning")
     _config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="knowledge distillation: train with training.distill_teacher set")
+    _config_args(p)
+    p.set_defaults(func=cmd_distill)
     return parser
 
 

@@ -30,6 +30,7 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda
     template: str = "auto"  # auto: the model's chat template, alpaca for base models without one
     trust_remote_code: bool = False  # runs code from the model repo: off unless asked
+    num_hidden_layers: int = 0  # 0: all; N: keep N evenly spaced layers (a smaller student to distil into)
 
 
 @dataclass
@@ -78,6 +79,10 @@ class TrainingConfig:
     progressive: list[str] = field(default_factory=list)  # grow LoRA: ["16@100", "32@200"] = r 16 after step 100...
     resume: str = "false"  # false | true (last checkpoint in output.dir) | a checkpoint path
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb
+    distill_teacher: str = ""  # a model or run folder: loss = alpha*CE + (1-alpha)*T^2*KL (distill.py)
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
+    distill_top_k: int = 0  # > 0: cache the teacher's top-k logits on disk instead of keeping it loaded
 
 
 @dataclass
@@ -127,6 +132,10 @@ _RULES = {
     "training.save_steps": (lambda v: v > 0, "must be > 0"),
     "training.progressive": (lambda v: all(re.fullmatch(r"\d+@\d+", item) for item in v),
                              "items are R@STEP, e.g. [16@100, 32@200] (grow to r=16 after step 100)"),
+    "model.num_hidden_layers": (lambda v: v >= 0, "must be >= 0 (0 keeps every layer)"),
+    "training.distill_alpha": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "training.distill_temperature": (lambda v: v > 0, "must be > 0"),
+    "training.distill_top_k": (lambda v: v >= 0, "must be >= 0 (0: keep the teacher loaded)"),
     "training.report_to": (lambda v: set(v) <= {"tensorboard", "wandb"}, "may hold only tensorboard and wandb"),
 }
 

@@ -188,4 +188,27 @@ def load_model(model_cfg, device: torch.device | None = None):
         raise ModelSourceError(f"model.name={model_cfg.name}: cannot load ({err}). Offline? Use a local "
                                f"folder or the embedded smollm2-135m-instruct.") from None
     tokenizer = load_tokenizer(model_cfg.name, model_cfg.trust_remote_code)
+    if model_cfg.num_hidden_layers:
+        keep_layers(model, model_cfg.num_hidden_layers)
     return model.to(device), tokenizer
+
+
+def keep_layers(model, n: int) -> list[int]:
+    """Keep n evenly spaced decoder layers (first and last included), DistilBERT-style.
+
+    Used to build a smaller student from a model offline: SmolLM2's 30 layers -> 15
+    keeps layers 0, 2, 4, ..., 29. Returns the kept indices.
+    """
+    import torch.nn as nn
+
+    layers = model.model.layers
+    if not 0 < n <= len(layers):
+        raise ModelSourceError(f"model.num_hidden_layers={n}: the model has {len(layers)} layers")
+    kept = sorted({round(i * (len(layers) - 1) / max(1, n - 1)) for i in range(n)})
+    model.model.layers = nn.ModuleList(layers[i] for i in kept)
+    for new_index, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_index  # the KV cache is indexed by position in the stack
+    model.config.num_hidden_layers = len(kept)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in kept]
+    return kept

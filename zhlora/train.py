@@ -28,7 +28,8 @@ from zhlora.adapter import apply_lora, count_parameters, save_trained, trainable
 from zhlora.batching import collate_packed, collate_padded, epoch_batches, pack_samples
 from zhlora.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from zhlora.config import Config, ConfigError, save_config
-from zhlora.formatting import IGNORE_INDEX, encode_sample
+from zhlora.distill import Distiller
+from zhlora.formatting import IGNORE_INDEX
 from zhlora.models import load_model, resolve_model_path
 from zhlora.progressive import grow_lora, parse_schedule
 from zhlora.tracking import Tracker
@@ -154,6 +155,11 @@ def train(cfg: Config) -> dict:
     train_set, dropped = load_split(cfg.data.train_file, tokenizer, cfg)
     val_set, _ = load_split(cfg.data.val_file, tokenizer, cfg) if Path(cfg.data.val_file).is_file() else ([], 0)
 
+    distiller = None
+    if cfg.training.distill_teacher:
+        if cfg.training.packing:
+            raise ConfigError("training.distill_teacher: distillation needs training.packing=false")
+        distiller = Distiller(cfg, tokenizer, acc.device, train_set, output_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
@@ -213,13 +219,17 @@ def train(cfg: Config) -> dict:
         while step < total_steps:
             micro = [next(stream) for _ in range(cfg.training.gradient_accumulation_steps)]
             batches = [collate(run, mine) for _, _, mine in micro]
+            sample_ids = [mine for _, _, mine in micro]
             n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
             n_step = int(acc.reduce(torch.tensor(n_local, device=acc.device), reduction="sum"))
             loss_total = torch.zeros((), device=acc.device)
             for k, batch in enumerate(batches):
                 sync = k == len(batches) - 1
                 with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
-                    loss_sum, _ = compute_loss(model, batch)
+                    if distiller:
+                        loss_sum, _ = distiller.loss(model, batch, sample_ids[k])
+                    else:
+                        loss_sum, _ = compute_loss(model, batch)
                 # DDP averages gradients over processes: multiply back so the result is
                 # the mean over all supervised tokens of the step.
                 acc.backward(loss_sum * acc.num_processes / max(n_step, 1))

@@ -1,0 +1,66 @@
+"""Knowledge distillation: the loss by hand, live and cached teachers, a smaller student."""
+import math
+
+import pytest
+import torch
+
+from conftest import build_tiny_model_dir, tiny_overrides
+from zhlora.config import ConfigError, load_config
+from zhlora.distill import distill_loss_sum
+from zhlora.train import train
+
+
+def test_loss_matches_a_hand_computation():
+    # One supervised token (position 1, token 2), predicted by the logits at position 0; vocab of 3.
+    student = torch.tensor([[[1.0, 0.0, 2.0], [5.0, 5.0, 5.0], [9.0, 0.0, 0.0]]])
+    teacher = torch.tensor([[[0.0, 2.0, 4.0], [7.0, 0.0, 0.0], [0.0, 0.0, 9.0]]])
+    labels = torch.tensor([[-100, 2, -100]])
+    alpha, T = 0.25, 2.0
+    s = [1.0, 0.0, 2.0]
+    ce = -(s[2] - math.log(sum(math.exp(x) for x in s)))
+    ps = [math.exp(x / T) / sum(math.exp(y / T) for y in s) for x in s]
+    t = [0.0, 2.0, 4.0]
+    pt = [math.exp(x / T) / sum(math.exp(y / T) for y in t) for x in t]
+    kl = sum(p * math.log(p / q) for p, q in zip(pt, ps))
+    loss, n = distill_loss_sum(student, teacher, labels, alpha, T)
+    assert n == 1
+    assert loss.item() == pytest.approx(alpha * ce + (1 - alpha) * T * T * kl, rel=1e-6)
+    # top-k with k = vocab is the same KL
+    values, indices = teacher[0, 0:1].topk(3)
+    loss_k, _ = distill_loss_sum(student, (values, indices), labels, alpha, T)
+    assert loss_k.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [0, 8])
+def test_student_learns_from_a_run_folder_teacher(tiny_model_dir, tiny_data_dir, tiny_run_dir, tmp_path, top_k):
+    out = tmp_path / "student"
+    summary = train(load_config(None, tiny_overrides(
+        tiny_model_dir, tiny_data_dir, out, "model.num_hidden_layers=1", f"training.distill_teacher={tiny_run_dir}",
+        f"training.distill_top_k={top_k}", "training.max_steps=6")))
+    assert math.isfinite(summary["final_loss"])
+    assert (out / f"teacher_top{top_k}.safetensors").is_file() == (top_k > 0)
+    from zhlora.generation import load_run
+
+    student, _, cfg = load_run(out)  # reloads with one layer, as saved in config.yaml
+    assert cfg.model.num_hidden_layers == 1 and len(student.base_model.model.model.layers) == 1
+
+
+def test_teacher_with_another_tokenizer_is_refused(tiny_model_dir, tiny_data_dir, tmp_path):
+    other = build_tiny_model_dir(tmp_path / "other", chat_template=None)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["新词"])
+    tok.save_pretrained(other)
+    with pytest.raises(ConfigError, match="tokenizer differs from the student"):
+        train(load_config(None, tiny_overrides(tiny_model_dir, tiny_data_dir, tmp_path / "out",
+                                               f"training.distill_teacher={other}", "training.max_steps=2")))
+
+
+def test_keep_layers_picks_evenly_spaced_layers(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from zhlora.models import keep_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert keep_layers(model, 2) == [0, 1] and model.config.num_hidden_layers == 2

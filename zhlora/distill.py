@@ -1,0 +1,105 @@
+"""Knowledge distillation: a student learns from a teacher's probabilities, not only the labels.
+
+    zhlora distill --config configs/distill.yaml [key=value ...]
+
+On the supervised (answer) tokens only:
+
+    loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T)
+
+where x_T = softmax(logits / T). A temperature T > 1 flattens both distributions so
+the student also learns which wrong answers the teacher finds nearly right; the T^2
+keeps that term's gradients on the same scale as the cross-entropy (Hinton et al. 2015).
+
+The teacher is any model source or a run folder (a LoRA or full fine-tune); it must
+share the student's tokenizer, else token i means different things to the two.
+With training.distill_top_k = k > 0 the teacher runs once over the training set
+before training and only its top-k logits per answer token are kept (on disk, in
+the output folder), so the teacher need not stay in memory; the KL is then taken
+over those k tokens with the teacher's probabilities renormalised among them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from zhlora.config import Config, ConfigError
+from zhlora.formatting import IGNORE_INDEX
+
+
+def distill_loss_sum(student_logits, teacher, labels, alpha: float, temperature: float):
+    """(summed loss over supervised tokens, their count); teacher = full logits or (values, indices)."""
+    labels = labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    student = student_logits[:, :-1][mask].float()  # [n, vocab], the answer positions only
+    ce_sum = F.cross_entropy(student, labels[mask], reduction="sum")
+    log_s = F.log_softmax(student / temperature, dim=-1)
+    if isinstance(teacher, tuple):  # cached top-k: (values [n, k], indices [n, k])
+        values, indices = teacher
+        log_t = F.log_softmax(values.float() / temperature, dim=-1)
+        log_s = log_s.gather(-1, indices)
+    else:
+        log_t = F.log_softmax(teacher[:, :-1][mask].float() / temperature, dim=-1)
+    kl_sum = (log_t.exp() * (log_t - log_s)).sum()
+    return alpha * ce_sum + (1 - alpha) * temperature ** 2 * kl_sum, int(mask.sum())
+
+
+class Distiller:
+    """Holds the teacher (or its cached top-k logits) and computes the distillation loss."""
+
+    def __init__(self, cfg: Config, student_tokenizer, device, train_samples: list[dict], output_dir: Path):
+        from zhlora.batching import collate_padded
+
+        t = cfg.training
+        self.alpha, self.temperature, self.device = t.distill_alpha, t.distill_temperature, device
+        self.model = load_teacher(t.distill_teacher, student_tokenizer, device)
+        self.cache = None
+        if t.distill_top_k > 0:
+            path = output_dir / f"teacher_top{t.distill_top_k}.safetensors"
+            if not path.is_file():
+                tensors = {}
+                for i, sample in enumerate(train_samples):
+                    batch = collate_padded([sample], student_tokenizer.pad_token_id)
+                    with torch.no_grad():
+                        logits = self.model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
+                    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+                    values, indices = logits[:, :-1][mask.to(device)].float().topk(t.distill_top_k, dim=-1)
+                    tensors[f"{i}.values"], tensors[f"{i}.indices"] = values.cpu(), indices.cpu()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file(tensors, str(path))
+            self.cache = load_file(str(path))
+            self.model = None  # the teacher's job is done: free its memory
+
+    def loss(self, model, batch: dict, sample_ids: list[int]):
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        if self.cache is not None:
+            teacher = (torch.cat([self.cache[f"{i}.values"] for i in sample_ids]).to(logits.device),
+                       torch.cat([self.cache[f"{i}.indices"] for i in sample_ids]).to(logits.device))
+        else:
+            with torch.no_grad():
+                teacher = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return distill_loss_sum(logits, teacher, batch["labels"], self.alpha, self.temperature)
+
+
+def load_teacher(source: str, student_tokenizer, device):
+    """A run folder (adapter or full) or any model source; refuses a different tokenizer."""
+    from zhlora.generation import load_run
+    from zhlora.models import load_model
+
+    if (Path(source) / "config.yaml").is_file():
+        teacher, tokenizer, _ = load_run(source, device=str(device))
+    else:
+        from zhlora.config import ModelConfig
+
+        teacher, tokenizer = load_model(ModelConfig(name=source), device)
+    if tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise ConfigError(f"training.distill_teacher={source}: its tokenizer differs from the student's "
+                          f"({len(tokenizer)} vs {len(student_tokenizer)} tokens); distillation compares "
+                          "probabilities token by token, so both must use the same tokenizer")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
