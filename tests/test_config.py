@@ -7,7 +7,7 @@ from zhlora.config import ConfigError, config_from_dict, load_config, save_confi
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 # zhlora configs; configs/accelerate/ holds accelerate's launch configs (another schema).
-CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if "accelerate" not in p.parts)
+CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if not {"accelerate", "experiments"} & set(p.parts))
 LAUNCH_CONFIGS = sorted((ROOT / "accelerate").glob("*.yaml"))
 
 

@@ -39,6 +39,7 @@ from zhlora.formatting import TemplateError, encode_prompt
 from zhlora.generation import generate, load_base, load_run, stream
 from zhlora.models import ModelSourceError
 from zhlora.readers import decode, read_jsonl
+from zhlora.safety import check_adapter_folder
 
 HELP = """命令 (commands):
   /reset                  清空对话历史 (clear the history)
@@ -147,11 +148,13 @@ def load_chat(args) -> Chat:
     extra = parse_adapters(args.adapters)  # before the model load: a typo fails in a second
     from peft import PeftModel
 
-    model, tokenizer, cfg = load_run(args.model_path)
+    model, tokenizer, cfg = load_run(args.model_path, allow_pickle=args.allow_pickle)
     is_lora = isinstance(model, PeftModel)
     if extra and not is_lora:
         raise ChatError(f"--adapters: {args.model_path} is a full fine-tune; adapters need a LoRA run")
     for name, path in extra:
+        base = model.get_base_model()
+        check_adapter_folder(path, base.config, args.allow_pickle, base_model=base)  # zhlora/safety.py
         try:
             model.load_adapter(str(path), adapter_name=name)
         except (RuntimeError, ValueError, KeyError, OSError) as err:  # e.g. trained on another base model
@@ -333,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (batch default 0)")
     parser.add_argument("--adapters", default=None,
                         help="more LoRA adapters to switch between: name=path,... (/adapter name)")
+    parser.add_argument("--allow_pickle", action="store_true",
+                        help="accept adapter_model.bin (pickle) from an author you trust; read with weights_only=True")
     return parser
 
 

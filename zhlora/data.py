@@ -29,15 +29,19 @@ A loaded row is always {"instruction", "input", "output", "task"} plus "system" 
   collapsing whitespace ("你好！" == "你好!"); the first one is kept, also across the
   files of a folder ("duplicate of line K" or "duplicate of PATH:K").
 - cleaned_control: loaded rows from which C0 control characters (NUL, \\r, \\x1b...) other
-  than \\n and \\t were stripped. Nothing else is changed: full-width and half-width
-  punctuation stay as written, since both are normal in Chinese text.
+  than \\n and \\t were stripped, or lone UTF-16 surrogates (half an emoji escaped as
+  \\ud83d in JSON; UTF-8 cannot store one). Nothing else is changed: full-width and
+  half-width punctuation stay as written, since both are normal in Chinese text.
 - syntax_errors, encoding_errors, empty_files: the file, or the rest of it, was not read
-  (a bad JSONL line or CSV record only costs that row). validate_paths adds
-  unreadable_sources for a path that raised DataError (missing file, hub offline).
+  (a bad JSONL line or CSV record only costs that row). JSON nested deeper than Python
+  reads (~1000 levels) is a syntax error; numbers of any length and cells of any size are
+  read. validate_paths adds unreadable_sources for a path that raised DataError (missing
+  file, unreadable folder, hub offline).
 Other fields are ignored. Over-long rows are not dropped: see count_over_length.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -95,6 +99,13 @@ def load_source(spec: str, columns: dict[str, str] | None = None, encoding: str 
                 default_task: str = "user") -> LoadResult:
     """A file, a folder, or a Hugging Face dataset id (the path part of a source spec)."""
     path = Path(spec)
+    try:
+        path.stat()
+    except OSError as err:  # a name too long or a folder we may not enter raises, not False
+        if err.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise DataError(path=spec, reason=f"cannot read: {err.strerror}") from err
+    except ValueError:  # a NUL byte in the name; exists() below says False
+        pass
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file()
                        and p.suffix.lower() in readers.SUPPORTED_SUFFIXES
@@ -330,15 +341,17 @@ def write_json(path, rows: list[dict]) -> None:
     file system; fsync first so a crash cannot leave the new name pointing at empty data.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temp, "x", encoding="utf-8") as f:
             json.dump(rows, f, ensure_ascii=False, indent=2)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
+    except OSError as err:  # a read-only or full disk: one clear line, not a traceback
+        raise DataError(path=path, reason=f"cannot write: {err.strerror}") from err
     finally:
         temp.unlink(missing_ok=True)  # only still there if something failed before replace
 

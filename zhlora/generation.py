@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from zhlora import safety
 from zhlora.config import Config, load_config
 from zhlora.models import load_model, load_tokenizer, pick_device
 
@@ -32,21 +33,30 @@ class Generation:
     seconds: float  # this sample's share of its batch's wall time
 
 
-def load_run(model_path: str | Path, device: str | None = None):
-    """(model, tokenizer, cfg) for a run folder; a LoRA run comes back as a PeftModel."""
+def load_run(model_path: str | Path, device: str | None = None, allow_pickle: bool = False,
+             trust_remote_code: bool = False):
+    """(model, tokenizer, cfg) for a run folder; a LoRA run comes back as a PeftModel.
+
+    The folder may come from someone else: zhlora/safety.py refuses pickle weights (unless
+    allow_pickle) and an adapter that does not fit its base model, and the folder's
+    config.yaml cannot turn trust_remote_code on (only the caller's flag can).
+    """
     model_path = Path(model_path)
     if not (model_path / "config.yaml").is_file():
         raise FileNotFoundError(f"{model_path}/config.yaml not found: is {model_path} a zhlora run folder "
                                 "(the output.dir of training/train.py)?")
     cfg: Config = load_config(model_path / "config.yaml")
+    safety.run_trust_remote_code(cfg, trust_remote_code)
     if device:
         cfg.model.device = device
     if (model_path / "adapter_config.json").is_file():
         from peft import PeftModel
 
         model, _ = load_model(cfg.model)
+        safety.check_adapter_folder(model_path, model.config, allow_pickle, base_model=model)
         model = PeftModel.from_pretrained(model, str(model_path), adapter_name="default")
     elif (model_path / "config.json").is_file():
+        safety.check_model_folder(model_path, allow_pickle)
         cfg.model.name = str(model_path)  # a full fine-tune is a whole model
         model, _ = load_model(cfg.model)
     else:

@@ -17,6 +17,7 @@ output, system, history}, or raise Refused naming the field at fault. The polici
 from __future__ import annotations
 
 import csv
+import decimal
 import io
 import json
 import re
@@ -59,15 +60,29 @@ def _encoding_hint(raw: bytes, encoding: str) -> str:
     return ""
 
 
+def _parse_int(text: str):
+    """Python refuses to turn more than 4300 digits into an int (sys.set_int_max_str_digits,
+    a guard against slow parsing), which json would raise mid-file as ValueError; a Decimal
+    holds any length. Such a number is only ever an ignored extra field or "not a string"."""
+    try:
+        return int(text)
+    except ValueError:
+        return decimal.Decimal(text)
+
+
+# strict=False lets raw tabs and newlines inside strings through (hand-edited files have
+# them); the remaining control characters are stripped later by data.py.
+_DECODER = json.JSONDecoder(strict=False, parse_int=_parse_int)
+_TOO_DEEP = "nested too deeply to read (more levels than Python's recursion limit, ~1000)"
+
+
 def read_json_array(text: str) -> tuple[list, list[Issue]]:
     """Read a JSON array one element at a time, so a syntax error keeps the rows before it.
 
     json.load would give all or nothing; raw_decode gives each element's end offset, from
     which we count newlines to know the exact line where every row starts.
     """
-    # strict=False lets raw tabs and newlines inside strings through (hand-edited files have
-    # them); the remaining control characters are stripped later by data.py.
-    decoder = json.JSONDecoder(strict=False)
+    decoder = _DECODER
     records: list = []
     pos = _skip_space(text, 0)
     if pos == len(text) or text[pos] != "[":
@@ -77,7 +92,7 @@ def read_json_array(text: str) -> tuple[list, list[Issue]]:
                           "syntax_errors")]
     pos = _skip_space(text, pos + 1)
     if text.startswith("]", pos):
-        return [], []
+        return [], _after_array(text, pos)
     line, counted_to = 1, 0
     while True:
         line += text.count("\n", counted_to, pos)
@@ -86,6 +101,9 @@ def read_json_array(text: str) -> tuple[list, list[Issue]]:
             row, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
             return records, [_syntax_issue(err)]
+        except RecursionError:  # e.g. "[[[[..." 5000 deep; the C decoder unwinds cleanly
+            return records, [Issue(line, "json", f"{_TOO_DEEP}; the rest of the file was not read",
+                                   "syntax_errors")]
         records.append((line, row))
         pos = _skip_space(text, pos)
         if text.startswith("]", pos):
@@ -96,11 +114,16 @@ def read_json_array(text: str) -> tuple[list, list[Issue]]:
             return records, [Issue(where, "json", f"expected ',' or ']' after a row, found "
                                    f"{found}; the rest of the file was not read", "syntax_errors")]
         pos = _skip_space(text, pos + 1)
-    rest = _skip_space(text, pos + 1)
+    return records, _after_array(text, pos)
+
+
+def _after_array(text: str, end: int) -> list[Issue]:
+    """Only whitespace may follow the array's closing ']' (at `end`)."""
+    rest = _skip_space(text, end + 1)
     if rest < len(text):
         where = text.count("\n", 0, rest) + 1
-        return records, [Issue(where, "json", "extra data after the closing ']'", "syntax_errors")]
-    return records, []
+        return [Issue(where, "json", "extra data after the closing ']'", "syntax_errors")]
+    return []
 
 
 def _skip_space(text: str, pos: int) -> int:
@@ -116,7 +139,7 @@ def _syntax_issue(err: json.JSONDecodeError) -> Issue:
 
 def read_jsonl(text: str) -> tuple[list, list[Issue]]:
     """One JSON value per line; a bad line is reported and the next lines are still read."""
-    decoder = json.JSONDecoder(strict=False)
+    decoder = _DECODER
     records, issues = [], []
     # split("\n"), not splitlines(): the latter also breaks at U+2028 and other separators
     # that may sit inside a JSON string, which would shift every following line number.
@@ -127,11 +150,17 @@ def read_jsonl(text: str) -> tuple[list, list[Issue]]:
             records.append((line, decoder.decode(content)))
         except json.JSONDecodeError as err:
             issues.append(Issue(line, "json", f"{err.msg} (column {err.colno})", "syntax_errors"))
+        except RecursionError:
+            issues.append(Issue(line, "json", _TOO_DEEP, "syntax_errors"))
     return records, issues
 
 
 def read_csv(text: str) -> tuple[list, list[Issue]]:
     """A header line of field names, then one record per row; quoted cells may hold newlines."""
+    # The csv module refuses cells over 128 KiB ("field larger than field limit") and would
+    # drop the rest of the file; a long answer is a valid row (see data.count_over_length).
+    # The limit is process-wide; 2**31 - 1 fits a C long on every platform.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     # strict=True turns an unclosed quote into an error instead of swallowing the file.
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     records, issues = [], []
@@ -175,7 +204,10 @@ SUPPORTED_SUFFIXES = (*TEXT_READERS, ".parquet")
 TOOL_ROLES = {"function_call", "observation", "tool", "function"}
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f]")  # C0 controls except \t (0x09) and \n (0x0a)
+# C0 controls except \t (0x09) and \n (0x0a), and lone UTF-16 surrogates: JSON may spell half
+# an emoji as "\ud83d", which Python reads but UTF-8 cannot write (train.json would fail).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\ud800-\udfff]")
+_MAX_DEPTH = 3  # a valid row's strings sit at most 3 levels down: row -> conversations -> turn -> text
 
 
 class Refused(Exception):
@@ -237,7 +269,7 @@ def from_sharegpt(row: dict) -> dict:
         role, text = turn.get(role_key), turn.get(text_key)
         # Tool roles are looked for in every turn first, so a tool-calling conversation is
         # reported as such, not as the order error its extra turns also cause.
-        if role in TOOL_ROLES:
+        if isinstance(role, str) and role in TOOL_ROLES:  # a list or dict role is not hashable
             raise Refused("dropped_unsupported", f"{key}[{i}].{role_key}", f"role {role!r}: "
                           "tool-calling conversations are not supported")
         turns.append(_Turn(ROLES.get(role) if isinstance(role, str) else None, role, text,
@@ -267,14 +299,16 @@ def from_sharegpt(row: dict) -> dict:
             "system": system, "history": pairs[:-1]}
 
 
-def strip_controls(value):
-    """Strip C0 controls from every string in value; returns (clean value, whether changed)."""
+def strip_controls(value, depth: int = 0):
+    """Strip C0 controls and lone surrogates from every string in value, down to the depth a
+    valid row has (anything deeper is refused later by a type check, and recursing into a
+    1000-deep list would overflow the stack); returns (clean value, whether changed)."""
     if isinstance(value, str):
         clean = _CONTROL.sub("", value)
         return clean, clean != value
-    if isinstance(value, (list, dict)):
+    if isinstance(value, (list, dict)) and depth < _MAX_DEPTH:
         items = value.items() if isinstance(value, dict) else enumerate(value)
-        cleaned = {k: strip_controls(v) for k, v in items}
+        cleaned = {k: strip_controls(v, depth + 1) for k, v in items}
         changed = any(flag for _, flag in cleaned.values())
         if isinstance(value, dict):
             return {k: v for k, (v, _) in cleaned.items()}, changed
@@ -284,5 +318,8 @@ def strip_controls(value):
 
 def describe(value) -> str:
     """A value's type and its start, for messages: `int 42`, `list ["a", "b"]`."""
-    text = json.dumps(value, ensure_ascii=False, default=str)
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (RecursionError, ValueError):  # nested ~1000 deep, or an int too long for str()
+        text = "(nested too deeply to show)"
     return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
