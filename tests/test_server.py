@@ -258,6 +258,26 @@ def test_cli(tmp_path, capsys):
     assert cli_main(["serve", "--model_path", str(tmp_path)]) == 2
 
 
+def test_extra_adapters_get_the_safety_check(tiny_run_dir, tmp_path, capsys):
+    """--adapters NAME=PATH is checked as the run's own adapter is (zhlora/safety.py), before PEFT loads it."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    other, pickled = tmp_path / "other", tmp_path / "pickled"
+    for run in (other, pickled):
+        shutil.copytree(tiny_run_dir, run, ignore=shutil.ignore_patterns("checkpoints"))
+    config = other / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "r": 4}), encoding="utf-8")
+    torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    assert main(["--model_path", str(tiny_run_dir), "--adapters", f"other={other}"]) == 2
+    assert "adapter_config.json says r=4, but" in capsys.readouterr().err
+    assert main(["--model_path", str(tiny_run_dir), "--adapters", f"pickled={pickled}"]) == 2
+    assert "the weights are pickle files (adapter_model.bin)" in capsys.readouterr().err
+
+
 def test_a_generation_error_reaches_the_client(client, served):
     """A failure inside model.generate becomes a 500 (or an error event), and the worker lives on."""
     engine = served[1]

@@ -157,20 +157,27 @@ class Engine:
 
 
 def load_engine(model_path: str | Path, adapters: list[tuple[str, Path]]) -> Engine:
-    """The run at model_path, with each (name, path) adapter loaded beside its own."""
+    """The run at model_path, with each (name, path) adapter loaded beside its own.
+
+    Each extra adapter gets the safety check load_run gives the run's own: a pickle, or an adapter
+    made for another base model (name, shapes, target modules), is an AdapterError saying which.
+    """
     from peft import PeftModel
 
     from zhlora.chat import ChatError
     from zhlora.generation import load_run
+    from zhlora.safety import check_adapter_folder
 
     model, tokenizer, cfg = load_run(model_path)  # on the run's model.device
     is_lora = isinstance(model, PeftModel)
     if adapters and not is_lora:
         raise ChatError(f"--adapters: {model_path} is a full fine-tune; adapters need a LoRA run")
     for name, path in adapters:
+        base = model.get_base_model()
+        check_adapter_folder(path, base.config, base_model=base)  # no pickles, fits this base model (safety.py)
         try:
             model.load_adapter(str(path), adapter_name=name)
-        except (RuntimeError, ValueError, KeyError, OSError) as err:  # e.g. trained on another base model
+        except (RuntimeError, ValueError, KeyError, OSError) as err:  # what the check cannot foresee
             raise ChatError(f"--adapters {name}={path}: cannot load it onto this base model: {err}") from err
     return Engine(model.eval(), tokenizer, cfg.model.template, ["default"] + [n for n, _ in adapters], is_lora)
 

@@ -9,8 +9,9 @@
 Every refusal is `{"error": {"message", "type", "param", "code"}}`, as OpenAI writes it:
 400 for a bad body (malformed JSON, not `Content-Type: application/json`, wrong types,
 values out of range: FastAPI's 422 is turned into 400; "5" is not 5 here), 401 for a
-missing or wrong API key, 404 for an unknown model or route, 413 when Content-Length is
-over 12 x --max_input_chars + 4 MiB, 500 if generation itself fails (in a stream, where
+missing or wrong API key, 404 for an unknown model or route, 411 for a chunked body (its
+size is unknown until read; OpenAI clients send Content-Length), 413 when Content-Length
+is over 12 x --max_input_chars + 4 MiB, 500 if generation itself fails (in a stream, where
 the status is already sent: an error event, then [DONE]). Streams end with `data: [DONE]`;
 with stream_options.include_usage a last chunk carries `usage`. Unknown request fields
 (frequency_penalty, user, ...) are ignored, as most OpenAI-compatible servers do; n must be 1.
@@ -154,7 +155,13 @@ class Guard:
                 error = APIError(401, "Incorrect or missing API key: send `Authorization: Bearer KEY`, the key given "
                                  "to zhlora serve --api_key.", code="invalid_api_key")
                 return await error.response()(scope, receive, send)
-            size = headers.get(b"content-length", b"0")
+            if b"transfer-encoding" in headers:
+                # A chunked body has no size to check, and h11 lets Transfer-Encoding win over a Content-Length
+                # sent with it: without this, a 1 GB body would pass the check below and be read into memory.
+                error = APIError(411, "Send the body with a Content-Length header (Transfer-Encoding is not "
+                                 "accepted).", code="length_required")
+                return await error.response()(scope, receive, send)
+            size = headers.get(b"content-length", b"0")  # no header and no Transfer-Encoding: no body
             if not size.isdigit() or int(size) > self.max_body_bytes:
                 error = APIError(413, f"Request body too large: at most {self.max_body_bytes} bytes.",
                                  code="request_too_large")
