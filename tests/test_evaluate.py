@@ -147,3 +147,126 @@ def test_full_fine_tune_loads_the_base_for_its_baseline(tiny_model_dir, tiny_dat
     assert results["config"]["model"]["name"] == str(tiny_model_dir)  # the base, not the run folder
     assert results["baseline"]["test_loss"] != results["test_loss"]
     assert len(read_predictions(run)) == 2
+
+
+# --- task adapters: several runs' adapters in one model, each scored on its own data.tasks ---
+
+TASKS_A, TASKS_B = ["num2cn", "s2t"], ["sort", "unit"]  # one test row per task in the tiny split
+
+
+@pytest.fixture(scope="module")
+def task_runs(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    """Two LoRA runs on different task families (8 steps each), with different r and targets."""
+    from zhlora.train import train
+
+    root = tmp_path_factory.mktemp("task_adapters")
+    for name, tasks, extra in [("run_a", TASKS_A, "lora.r=4"), ("run_b", TASKS_B, "lora.target_modules=all-linear")]:
+        train(load_config(None, tiny_overrides(tiny_model_dir, tiny_data_dir, root / name, "training.max_steps=8",
+                                               f"data.tasks=[{','.join(tasks)}]", extra)))
+    return root / "run_a", root / "run_b"
+
+
+def test_each_adapter_is_scored_on_its_own_tasks(task_runs, tiny_run_dir, tmp_path, capsys):
+    from zhlora.evaluate import evaluate_adapters
+
+    run_a, run_b = task_runs
+    # "a2" is run_a again: same rows, so its baseline is not scored a second time;
+    # tiny_run_dir (a bare path, named after its folder) was trained on every task
+    adapters = [("a", run_a), ("b", run_b), ("a2", run_a), (tiny_run_dir.name, tiny_run_dir)]
+    out = tmp_path / "adapters_eval"
+    results = evaluate_adapters(adapters, out, max_new_tokens=8, batch_size=4)
+    assert capsys.readouterr().out.count("[evaluate] baseline") == 3
+
+    saved = strict_json((out / "evaluation_results.json").read_text("utf-8"))
+    assert saved == json.loads(json.dumps(results))
+    assert list(saved["adapters"]) == ["a", "b", "a2", "outputs"]
+    assert saved["base_model"] == str(load_config(run_a / "config.yaml").model.name)
+    by_name = saved["adapters"]
+    assert set(by_name["a"]["per_task"]) == set(by_name["a"]["baseline"]["per_task"]) == set(TASKS_A)
+    assert set(by_name["b"]["per_task"]) == set(TASKS_B)
+    assert by_name["a"]["tasks"] == TASKS_A and by_name["outputs"]["tasks"] == []
+    assert by_name["outputs"]["num_samples"] == 12  # an empty data.tasks: every test row
+    for row in by_name.values():
+        assert set(row) >= {"path", "tasks", "test_data", *DELTA_METRICS, "per_task", "baseline", "delta", "config"}
+        assert row["config"]["data"]["tasks"] == row["tasks"]
+
+    rows = read_predictions(out)
+    assert [r["adapter"] for r in rows] == ["a"] * 2 + ["b"] * 2 + ["a2"] * 2 + ["outputs"] * 12
+    assert all(r["task"] in TASKS_A for r in rows if r["adapter"] == "a")
+    assert all(r["task"] in TASKS_B for r in rows if r["adapter"] == "b")
+    assert [r["prediction"] for r in rows if r["adapter"] == "a"] == [r["prediction"] for r in rows
+                                                                      if r["adapter"] == "a2"]
+
+    # switching adapters in one model answers exactly as each run loaded alone
+    alone = evaluate_run(copy_run(run_b, tmp_path / "b_alone"), max_new_tokens=8, batch_size=4, baseline=False)
+    assert [r["prediction"] for r in read_predictions(tmp_path / "b_alone")] == [
+        r["prediction"] for r in rows if r["adapter"] == "b"]
+    assert by_name["b"]["test_loss"] == pytest.approx(alone["test_loss"], rel=1e-5)
+    assert by_name["b"]["per_task"] == alone["per_task"]
+
+
+def test_cli_adapters_repeated_flag_and_bare_paths(task_runs, tmp_path, capsys):
+    from zhlora.cli import main as zhlora
+
+    run_a, run_b = task_runs
+    out = tmp_path / "out"
+    assert zhlora(["evaluate", "--adapters", f"a={run_a}", "--adapters", str(run_b), "--output_dir", str(out),
+                   "--no_baseline", "--max_new_tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "exact match by task" in printed and "num2cn, s2t" in printed
+    results = strict_json((out / "evaluation_results.json").read_text("utf-8"))
+    assert list(results["adapters"]) == ["a", "run_b"]
+    assert "baseline" not in results["adapters"]["a"]
+    assert not (run_a / "evaluation_results.json").exists()  # the runs themselves stay untouched
+
+
+def test_adapters_on_different_base_models_are_refused(task_runs, tmp_path, capsys):
+    from zhlora.cli import main as zhlora
+    from zhlora.evaluate import evaluate_adapters
+    from zhlora.safety import AdapterError
+
+    run_a, run_b = task_runs
+    other = copy_run(run_b, tmp_path / "other")
+    ours = str(load_config(run_b / "config.yaml").model.name)
+    config = other / "config.yaml"
+    config.write_text(config.read_text("utf-8").replace(ours, "/models/qwen2.5-0.5b-instruct"), "utf-8")
+    with pytest.raises(AdapterError, match="must share one base model") as err:
+        evaluate_adapters([("a", run_a), ("other", other)], tmp_path / "out")
+    assert ours in str(err.value) and "/models/qwen2.5-0.5b-instruct" in str(err.value)
+    assert zhlora(["evaluate", "--adapters", f"a={run_a},other={other}", "--output_dir", str(tmp_path / "o")]) == 2
+    assert "qwen2.5-0.5b-instruct" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("values, expected", [
+    (["math=runs/math,zh=runs/zh"], [("math", "runs/math"), ("zh", "runs/zh")]),
+    (["math=runs/math", "runs/code_zh/"], [("math", "runs/math"), ("code_zh", "runs/code_zh")]),
+    ([" a = x , "], [("a", "x")]),
+])
+def test_parse_adapters(values, expected):
+    from pathlib import Path
+
+    from zhlora.evaluate import parse_adapters
+
+    assert parse_adapters(values) == [(name, Path(path)) for name, path in expected]
+
+
+@pytest.mark.parametrize("values, message", [
+    (["a=x,a=y"], "given twice"), (["runs/a,other/a"], "given twice"), (["bad name=x"], "write name=path"),
+    (["a="], "write name=path"), ([","], "no adapter given"),
+])
+def test_parse_adapters_refusals(values, message):
+    from zhlora.evaluate import parse_adapters
+
+    with pytest.raises(ConfigError, match=message):
+        parse_adapters(values)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model_path", "outputs", "--adapters", "a=x"], "not both"),
+    (["--output_dir", "somewhere"], "--output_dir is for --adapters"),
+    (["--adapters", "a=missing_run"], "config.yaml not found"),
+])
+def test_adapters_usage_errors(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

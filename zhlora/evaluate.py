@@ -2,6 +2,7 @@
 
     python training/evaluate.py --model_path outputs [--max_samples 200] [--no_baseline]
     zhlora evaluate --model_path outputs --batch_size 8 --max_new_tokens 128
+    zhlora evaluate --adapters math=runs/math,zh=runs/zh [--output_dir outputs/adapters_eval]
 
 Reads <model_path>/config.yaml and the run's data.test_file (or --test_data, never the
 train file), keeps the first --max_samples rows in file order (rows of data.tasks only,
@@ -17,6 +18,16 @@ Writes, each atomically (temp file + os.replace):
   <model_path>/evaluation_results.json  headline metrics, ci, per_task, baseline, delta,
                                         config, versions, settings, definitions
   <model_path>/predictions.jsonl        one row per sample: prompt, reference, predictions, scores
+
+--adapters (task adapters: name=path, or a bare path named after its folder; repeat the flag
+or join with commas) loads the base model once and every run's adapter into one PeftModel by
+name (generation.load_adapters; they must share the base model). Each adapter is scored, as
+above, on the test rows of its own run's data.tasks (all rows when the list is empty), so a
+math adapter is never graded on traditional Chinese. The base model is scored once per
+distinct row set. Written to --output_dir (runs are left untouched):
+  evaluation_results.json  adapters: {name: path, tasks, test_data, the metrics above, config},
+                           base_model, versions, settings, definitions
+  predictions.jsonl        as above, each row starting with its "adapter"
 """
 from __future__ import annotations
 
@@ -25,6 +36,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -35,10 +47,11 @@ from zhlora import metrics
 from zhlora.batching import collate_padded
 from zhlora.config import Config, ConfigError, load_config
 from zhlora.formatting import encode_prompt, encode_sample
-from zhlora.generation import generate, load_base, load_run
+from zhlora.generation import generate, load_adapters, load_base, load_run
 from zhlora.train import compute_loss
 
 RESULTS_FILE, PREDICTIONS_FILE = "evaluation_results.json", "predictions.jsonl"
+ADAPTERS_OUTPUT_DIR = "outputs/adapters_eval"
 DELTA_METRICS = [*metrics.HEADLINE, "test_loss", "perplexity"]
 
 
@@ -100,6 +113,22 @@ def score_model(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int
     return prompts, generations, scores, summary
 
 
+def read_run(model_path: str | Path, test_data: str | Path | None, max_samples: int | None):
+    """(config as trained, test file, test rows) of a run folder (load_run renames a full run's model)."""
+    model_path = Path(model_path)
+    if not (model_path / "config.yaml").is_file():
+        raise ConfigError(f"{model_path}/config.yaml not found: is {model_path} a zhlora run folder?")
+    run_cfg = load_config(model_path / "config.yaml")
+    test_path = check_test_file(test_data or run_cfg.data.test_file, run_cfg)
+    return run_cfg, test_path, read_test_rows(test_path, run_cfg, max_samples)
+
+
+def add_baseline(results: dict, base_summary: dict) -> None:
+    results["baseline"] = base_summary
+    results["delta"] = {k: None if results[k] is None or base_summary[k] is None else results[k] - base_summary[k]
+                        for k in DELTA_METRICS}
+
+
 def evaluate_run(model_path: str | Path, max_samples: int | None = None, batch_size: int = 8,
                  max_new_tokens: int = 128, test_data: str | Path | None = None, baseline: bool = True,
                  device: str | None = None) -> dict:
@@ -107,12 +136,7 @@ def evaluate_run(model_path: str | Path, max_samples: int | None = None, batch_s
     from peft import PeftModel
 
     model_path = Path(model_path)
-    if not (model_path / "config.yaml").is_file():
-        raise ConfigError(f"{model_path}/config.yaml not found: is {model_path} a zhlora run folder?")
-    run_cfg = load_config(model_path / "config.yaml")  # as trained (load_run renames a full run's model)
-    test_path = check_test_file(test_data or run_cfg.data.test_file, run_cfg)
-    rows = read_test_rows(test_path, run_cfg, max_samples)
-
+    run_cfg, test_path, rows = read_run(model_path, test_data, max_samples)
     model, tokenizer, cfg = load_run(model_path, device)
     print(f"[evaluate] {len(rows)} rows of {test_path}, greedy, batch {batch_size}, "
           f"max_new_tokens {max_new_tokens}, device {next(model.parameters()).device}")
@@ -134,9 +158,7 @@ def evaluate_run(model_path: str | Path, max_samples: int | None = None, batch_s
             base_model, base_tokenizer = load_base(run_cfg)
             _, base, _, base_summary = score_model(base_model, base_tokenizer, rows, run_cfg, batch_size,
                                                    max_new_tokens)
-        results["baseline"] = base_summary
-        results["delta"] = {k: None if results[k] is None or base_summary[k] is None else results[k] - base_summary[k]
-                            for k in DELTA_METRICS}
+        add_baseline(results, base_summary)
 
     results.update(config=run_cfg.to_dict(), versions=_versions(),
                    settings={"batch_size": batch_size, "max_new_tokens": max_new_tokens, "decoding": "greedy",
@@ -145,6 +167,68 @@ def evaluate_run(model_path: str | Path, max_samples: int | None = None, batch_s
     lines = prediction_rows(rows, [tokenizer.decode(p) for p in prompts], tuned, scores, base)
     _write_atomic(model_path / PREDICTIONS_FILE, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     _write_atomic(model_path / RESULTS_FILE, json.dumps(_finite(results), indent=2, ensure_ascii=False) + "\n")
+    return results
+
+
+def parse_adapters(values: list[str]) -> list[tuple[str, Path]]:
+    """["math=runs/math,zh=runs/zh", "runs/code"] -> [("math", runs/math), ("zh", runs/zh), ("code", runs/code)]"""
+    pairs: list[tuple[str, Path]] = []
+    for item in (part.strip() for value in values for part in value.split(",")):
+        if not item:
+            continue
+        name, sep, path = (part.strip() for part in item.partition("="))
+        if not sep:  # a bare run folder is named after the folder
+            name, path = Path(item).resolve().name, item
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", name) or not path:
+            raise ConfigError(f"--adapters {item}: write name=path (name: letters, digits, _ and -), "
+                              "e.g. math=runs/math")
+        if name in [n for n, _ in pairs]:
+            raise ConfigError(f"--adapters {item}: the name {name} is given twice; write name=path to tell them apart")
+        pairs.append((name, Path(path)))
+    if not pairs:
+        raise ConfigError("--adapters: no adapter given; write name=path,name=path")
+    return pairs
+
+
+def evaluate_adapters(adapters: list[tuple[str, Path]], output_dir: str | Path = ADAPTERS_OUTPUT_DIR,
+                      max_samples: int | None = None, batch_size: int = 8, max_new_tokens: int = 128,
+                      test_data: str | Path | None = None, baseline: bool = True, device: str | None = None) -> dict:
+    """Score each (name, run folder) adapter on its own run's tasks, all in one loaded model; write
+    evaluation_results.json and predictions.jsonl into output_dir and return the results."""
+    runs = {name: read_run(path, test_data, max_samples) for name, path in adapters}  # a bad folder fails here
+    model, tokenizer, _ = load_adapters(adapters, device)
+    used_device = str(next(model.parameters()).device)
+    results, lines, base_runs = {}, [], {}
+    for name, path in adapters:
+        run_cfg, test_path, rows = runs[name]
+        model.set_adapter(name)
+        print(f"[evaluate] adapter {name}: {len(rows)} rows of {test_path} "
+              f"(data.tasks={run_cfg.data.tasks or 'all'}), device {used_device}")
+        prompts, tuned, scores, summary = score_model(model, tokenizer, rows, run_cfg, batch_size, max_new_tokens)
+        base = None
+        if baseline:  # the same rows and prompts give the same base scores: score them once
+            key = (str(test_path), tuple(sorted(run_cfg.data.tasks)), run_cfg.model.template,
+                   run_cfg.data.max_length, run_cfg.data.train_on_prompt)
+            if key not in base_runs:
+                print("[evaluate] baseline: the base model (every adapter disabled)")
+                with model.disable_adapter():
+                    base_runs[key] = score_model(model, tokenizer, rows, run_cfg, batch_size, max_new_tokens)[1::2]
+            base, base_summary = base_runs[key]
+            add_baseline(summary, base_summary)
+        results[name] = {"path": str(path), "tasks": list(run_cfg.data.tasks), "test_data": str(test_path),
+                         **summary, "config": run_cfg.to_dict()}
+        lines += [{"adapter": name, **line}
+                  for line in prediction_rows(rows, [tokenizer.decode(p) for p in prompts], tuned, scores, base)]
+
+    first_cfg = runs[adapters[0][0]][0]
+    results = {"adapters": results, "base_model": first_cfg.model.name, "versions": _versions(),
+               "settings": {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "decoding": "greedy",
+                            "max_samples": max_samples, "device": used_device},
+               "definitions": metrics.DEFINITIONS}
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(output_dir / PREDICTIONS_FILE, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    _write_atomic(output_dir / RESULTS_FILE, json.dumps(_finite(results), indent=2, ensure_ascii=False) + "\n")
     return results
 
 
@@ -214,9 +298,30 @@ def print_table(results: dict) -> None:
             print(f"{task:<20}{row['n']:>5}{_cell(row['exact_match'])}{_cell(base_row.get('exact_match'))}")
 
 
+def print_adapters_table(results: dict) -> None:
+    adapters = results["adapters"]
+    print(f"\n{'adapter':<16}{'n':>5}{'exact_match':>12}{'baseline':>11}{'test_loss':>11}   data.tasks")
+    for name, row in adapters.items():
+        base = row.get("baseline", {}).get("exact_match")
+        print(f"{name:<16}{row['num_samples']:>5}{_cell(row['exact_match'], 12)}{_cell(base)}"
+              f"{_cell(row['test_loss'])}   {', '.join(row['tasks']) or 'all'}")
+    tasks = sorted({t for row in adapters.values() for t, cell in row["per_task"].items() if "exact_match" in cell})
+    if tasks:  # '-': the adapter was not trained, so not scored, on that task
+        widths = [max(11, len(name) + 2) for name in adapters]
+        print(f"\n{'exact match by task':<20}" + "".join(f"{n:>{w}}" for n, w in zip(adapters, widths)))
+        for task in tasks:
+            print(f"{task:<20}" + "".join(_cell(row["per_task"].get(task, {}).get("exact_match"), w)
+                                          for row, w in zip(adapters.values(), widths)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zhlora evaluate", description="Score a trained run on its test split.")
-    parser.add_argument("--model_path", default="outputs", help="the run folder training wrote (output.dir)")
+    parser.add_argument("--model_path", default=None, help="the run folder training wrote (default: outputs)")
+    parser.add_argument("--adapters", action="append", default=None, metavar="NAME=PATH,...",
+                        help="LoRA runs sharing a base model, each scored on its own data.tasks; "
+                             "a bare PATH is named after its folder; may be repeated")
+    parser.add_argument("--output_dir", default=None,
+                        help=f"where --adapters writes its results (default: {ADAPTERS_OUTPUT_DIR})")
     parser.add_argument("--max_samples", type=int, default=None, help="the first N test rows (default: all)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=128)
@@ -236,14 +341,29 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             print(f"zhlora evaluate: error: --{name} must be >= 1", file=sys.stderr)
             return 2
+    if args.adapters and args.model_path:
+        print("zhlora evaluate: error: give --model_path (one run) or --adapters (several), not both", file=sys.stderr)
+        return 2
+    if args.output_dir and not args.adapters:
+        print("zhlora evaluate: error: --output_dir is for --adapters; one run's results go into its folder",
+              file=sys.stderr)
+        return 2
+    out = Path(args.output_dir or ADAPTERS_OUTPUT_DIR) if args.adapters else Path(args.model_path or "outputs")
     try:
-        results = evaluate_run(args.model_path, args.max_samples, args.batch_size, args.max_new_tokens,
-                               args.test_data, not args.no_baseline, args.device)
+        if args.adapters:
+            results = evaluate_adapters(parse_adapters(args.adapters), out, args.max_samples, args.batch_size,
+                                        args.max_new_tokens, args.test_data, not args.no_baseline, args.device)
+        else:
+            results = evaluate_run(out, args.max_samples, args.batch_size, args.max_new_tokens,
+                                   args.test_data, not args.no_baseline, args.device)
     except (ConfigError, DataError, ModelSourceError, TemplateError, FileNotFoundError) as err:
         print(f"zhlora evaluate: error: {err}", file=sys.stderr)
         return 2
-    print_table(results)
-    print(f"\n[evaluate] -> {Path(args.model_path) / RESULTS_FILE}, {Path(args.model_path) / PREDICTIONS_FILE}")
+    if args.adapters:
+        print_adapters_table(results)
+    else:
+        print_table(results)
+    print(f"\n[evaluate] -> {out / RESULTS_FILE}, {out / PREDICTIONS_FILE}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Load a trained run and generate from it: batched (evaluation) or streamed (demo, server).
 
     model, tokenizer, cfg = load_run("outputs")
+    model, tokenizer, cfg = load_adapters([("math", Path("runs/math")), ("zh", Path("runs/zh"))])
     results = generate(model, tokenizer, [encode_prompt(sample, tokenizer)], max_new_tokens=128)
 
 A run folder (what training/train.py writes) holds config.yaml, which names the base
@@ -34,8 +35,9 @@ class Generation:
 
 
 def load_run(model_path: str | Path, device: str | None = None, allow_pickle: bool = False,
-             trust_remote_code: bool = False):
-    """(model, tokenizer, cfg) for a run folder; a LoRA run comes back as a PeftModel.
+             trust_remote_code: bool = False, adapter_name: str = "default"):
+    """(model, tokenizer, cfg) for a run folder; a LoRA run comes back as a PeftModel whose
+    adapter is called adapter_name.
 
     The folder may come from someone else: zhlora/safety.py refuses pickle weights (unless
     allow_pickle) and an adapter that does not fit its base model, and the folder's
@@ -54,7 +56,7 @@ def load_run(model_path: str | Path, device: str | None = None, allow_pickle: bo
 
         model, _ = load_model(cfg.model)
         safety.check_adapter_folder(model_path, model.config, allow_pickle, base_model=model)
-        model = PeftModel.from_pretrained(model, str(model_path), adapter_name="default")
+        model = PeftModel.from_pretrained(model, str(model_path), adapter_name=adapter_name)
     elif (model_path / "config.json").is_file():
         safety.check_model_folder(model_path, allow_pickle)
         cfg.model.name = str(model_path)  # a full fine-tune is a whole model
@@ -63,6 +65,31 @@ def load_run(model_path: str | Path, device: str | None = None, allow_pickle: bo
         raise FileNotFoundError(f"{model_path} holds no adapter_config.json or config.json: "
                                 "training did not finish (resume it with training.resume=true)")
     tokenizer = load_tokenizer(str(model_path))
+    return model.eval(), tokenizer, cfg
+
+
+def load_adapters(adapters: list[tuple[str, Path]], device: str | None = None, allow_pickle: bool = False):
+    """(model, tokenizer, cfg): the base model loaded once, every (name, run folder) adapter in one
+    PeftModel under its name (`model.set_adapter(name)` switches); cfg is the first run's.
+
+    The runs must share their base model (config.yaml's model.name, compared loosely as
+    safety.model_key does); each adapter also passes safety.check_adapter_folder.
+    """
+    runs = [(name, Path(path), load_config(Path(path) / "config.yaml")) for name, path in adapters]
+    first_name, first_path, first_cfg = runs[0]
+    for name, path, cfg in runs:
+        if not (path / "adapter_config.json").is_file():
+            raise safety.AdapterError(f"{name}={path}: no adapter_config.json; a LoRA run folder is needed "
+                                      "(a full fine-tune is a whole model: evaluate it with --model_path)")
+        if safety.model_key(cfg.model.name) != safety.model_key(first_cfg.model.name):
+            raise safety.AdapterError(
+                f"{name}={path} was trained on base model {cfg.model.name!r}, but {first_name}={first_path} on "
+                f"{first_cfg.model.name!r}: adapters loaded together must share one base model")
+    model, tokenizer, cfg = load_run(first_path, device, allow_pickle, adapter_name=first_name)
+    base = model.get_base_model()
+    for name, path, _ in runs[1:]:
+        safety.check_adapter_folder(path, base.config, allow_pickle, base_model=base)
+        model.load_adapter(str(path), adapter_name=name)
     return model.eval(), tokenizer, cfg
 
 
