@@ -76,3 +76,14 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("value", ["no", "off", "false", "'false'", "'no'"])
+def test_mixed_precision_no_is_not_read_as_false(tmp_path, value):
+    """YAML 1.1 reads a bare `no` (or off, false) as the boolean False, not the string 'no'."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"training:\n  mixed_precision: {value}\n", encoding="utf-8")
+    assert load_config(path).training.mixed_precision == "no"
+    assert load_config(None, [f"training.mixed_precision={value}"]).training.mixed_precision == "no"
+    assert config_from_dict({"training": {"mixed_precision": False}}).training.mixed_precision == "no"
+    assert load_config(None, ["training.resume=false"]).training.resume == "false"  # other fields keep "false"

@@ -5,7 +5,7 @@ Saved LoRA output is PEFT's own format (adapter_config.json +
 adapter_model.safetensors), loadable with plain `PeftModel.from_pretrained`.
 The weights file is moved into place first and the config last, so a folder
 never holds a config without its complete weights: an interrupted save is never
-taken for an adapter.
+taken for an adapter (and the next save removes its temporary folder).
 """
 from __future__ import annotations
 
@@ -82,6 +82,8 @@ def save_scratch_adapter(model, cfg: Config, base_path: str, folder: Path) -> No
 def save_trained(model, tokenizer, cfg: Config, base_path: str, output_dir: Path) -> list[Path]:
     """Save the adapter (or the full model) and tokenizer into output_dir, atomically per file."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.glob(".saving-*"):  # left by a save that SIGKILL stopped before its cleanup
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".saving-") as tmp:
         tmp = Path(tmp)
         if cfg.training.method == "lora" and cfg.lora.backend == "scratch":

@@ -139,6 +139,9 @@ _RULES = {
     "training.report_to": (lambda v: set(v) <= {"tensorboard", "wandb"}, "may hold only tensorboard and wandb"),
 }
 
+# String fields whose "off" choice is not spelled false: YAML's `no` and `off` arrive as False.
+_OFF_WORDS = {"training.mixed_precision": "no"}
+
 
 def _all_keys() -> list[str]:
     sections = typing.get_type_hints(Config)
@@ -171,11 +174,12 @@ def _coerce(key: str, value, hint):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if hint is str:
-        if isinstance(value, bool):  # `resume: true` in YAML
-            return str(value).lower()
+        if isinstance(value, bool):  # YAML 1.1 reads `resume: true` and `mixed_precision: no` as booleans
+            value = str(value).lower()
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
+        value = str(value)
+        return _OFF_WORDS.get(key, value) if value == "false" else value
     try:  # int and float: accept "2e-4" and 3 (for a float), refuse 0.5 for an int
         number = float(value) if isinstance(value, str) else value
         if isinstance(number, bool) or not isinstance(number, (int, float)):

@@ -12,7 +12,8 @@ transformers can read GGUF, but the model it returns is marked as quantized and
 refuses training, so a GGUF file is dequantised once and saved as a plain
 safetensors folder in the cache (`$ZHLORA_CACHE`, default ~/.cache/zhlora). The
 conversion writes into a temporary folder and renames it into place when complete:
-a killed conversion never leaves a cache that looks finished.
+a killed conversion never leaves a cache that looks finished, and the next one
+removes its temporary folder.
 """
 from __future__ import annotations
 
@@ -93,11 +94,14 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
+        # Holding the lock, no other process is converting: every temporary folder here
+        # was left by a killed conversion (up to ~540 MB each for SmolLM2-135M in fp32).
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         if is_converted(target):
             return target
         print(f"[zhlora] 首次使用: converting {gguf_path.name} to safetensors in {target} (once, ~20 s)")
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         folder, name = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -161,13 +165,22 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def cannot_load(name: str, err: OSError) -> ModelSourceError:
+    """transformers' OSError for a hub id it cannot fetch (offline, typo, private repo)."""
+    return ModelSourceError(f"model.name={name}: cannot load ({err}). Offline? Use a local "
+                            f"folder or the embedded smollm2-135m-instruct.")
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     # A run folder holds the tokenizer beside an adapter, without a model config.json.
     folder = Path(name).expanduser()
     source = str(folder) if (folder / "tokenizer_config.json").is_file() else resolve_model_path(name)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise cannot_load(name, err) from None
     if tokenizer.pad_token is None:
         # Only used to fill padding positions; labels are built by formatting.py, so
         # a pad equal to EOS never hides the EOS label.
@@ -185,8 +198,7 @@ def load_model(model_cfg, device: torch.device | None = None):
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=pick_dtype(model_cfg.dtype, device), trust_remote_code=model_cfg.trust_remote_code)
     except OSError as err:
-        raise ModelSourceError(f"model.name={model_cfg.name}: cannot load ({err}). Offline? Use a local "
-                               f"folder or the embedded smollm2-135m-instruct.") from None
+        raise cannot_load(model_cfg.name, err) from None
     tokenizer = load_tokenizer(model_cfg.name, model_cfg.trust_remote_code)
     if model_cfg.num_hidden_layers:
         keep_layers(model, model_cfg.num_hidden_layers)

@@ -9,9 +9,25 @@ On resume, lines after the checkpoint's step are dropped, so no step appears twi
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
+
+from zhlora.config import ConfigError
+
+# training.report_to value -> the module its logger imports (the pip package has the value's name)
+LOGGER_MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
+
+
+def check_report_to(report_to: list[str]) -> None:
+    """Import each logger that training.report_to asks for, before anything loads: a missing
+    package is a one-line error naming the pip command, not a traceback minutes into a run."""
+    for name in report_to:
+        try:
+            importlib.import_module(LOGGER_MODULES[name])
+        except ImportError:
+            raise ConfigError(f"training.report_to=[{name}] needs the {name} package: pip install {name}") from None
 
 
 class Tracker:
@@ -27,15 +43,14 @@ class Tracker:
             keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        # train() ran check_report_to first, so these imports are known to work.
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(log_dir=str(output_dir / "runs"))
         if "wandb" in report_to:
-            try:
-                import wandb
-            except ImportError:
-                raise ImportError("training.report_to=[wandb] needs the wandb package: pip install wandb") from None
+            import wandb
+
             # Offline unless the user has a key: runs sync later with `wandb sync`.
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
             self.wandb = wandb.init(project="zhlora", dir=str(output_dir), config=config, mode=mode)

@@ -32,7 +32,7 @@ from zhlora.distill import Distiller
 from zhlora.formatting import IGNORE_INDEX
 from zhlora.models import load_model, resolve_model_path
 from zhlora.progressive import grow_lora, parse_schedule
-from zhlora.tracking import Tracker
+from zhlora.tracking import Tracker, check_report_to
 from zhlora.train_setup import Run, check_output_dir, load_split, make_accelerator, resume_point
 
 
@@ -138,6 +138,7 @@ class StopFlag:
 def train(cfg: Config) -> dict:
     """Run a whole training; returns the summary also written to train_summary.json."""
     output_dir = Path(cfg.output.dir)
+    check_report_to(cfg.training.report_to)  # a missing wandb is told now, not after the model loads
     acc = make_accelerator(cfg)
     resume_from = resume_point(cfg, output_dir)
     if acc.is_main_process:

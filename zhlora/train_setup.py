@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +68,9 @@ def resume_point(cfg: Config, output_dir: Path) -> Path | None:
     if resume == "true":
         found = list_checkpoints(output_dir / "checkpoints")
         if not found:
-            print(f"[train] training.resume=true but {output_dir}/checkpoints holds no complete checkpoint; "
-                  "starting from step 0")
+            # A run killed before its first save (save_steps=100 by default) left none.
+            print(f"[train] training.resume=true but {output_dir}/checkpoints holds no complete checkpoint: "
+                  f"starting over from step 0 in {output_dir}")
             return None
         folder = found[-1]
     else:
@@ -89,14 +91,26 @@ def resume_point(cfg: Config, output_dir: Path) -> Path | None:
 
 
 def check_output_dir(cfg: Config, output_dir: Path, resuming: bool) -> None:
-    """Refuse to write over a run unless output.overwrite=true (then clear it)."""
-    if resuming or not output_dir.exists():
+    """Check that output.dir can be written (before minutes of model loading), and refuse
+    to write over a run unless output.overwrite=true (then clear it). training.resume=true
+    with no checkpoint to resume from clears an unfinished run too: it starts over."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as err:
+        raise ConfigError(f"output.dir={output_dir}: cannot write: {err.strerror or err}") from None
+    if resuming:
         return
     markers = ["config.yaml", "train_summary.json", "adapter_config.json", "checkpoints"]
     present = [m for m in markers if (output_dir / m).exists()]
     if not present:
         return
-    if not cfg.output.overwrite:
+    finished = [m for m in ["train_summary.json", "adapter_config.json", "config.json"] if (output_dir / m).exists()]
+    if cfg.training.resume == "true" and finished and not cfg.output.overwrite:
+        raise ConfigError(f"output.dir={output_dir} holds a finished run ({', '.join(finished)}) and no checkpoint "
+                          "to resume from; use output.overwrite=true or another output.dir")
+    if not cfg.output.overwrite and cfg.training.resume != "true":
         raise ConfigError(f"output.dir={output_dir} already holds a run ({', '.join(present)}); "
                           "use output.overwrite=true, another output.dir, or training.resume=true")
     for name in ["checkpoints", "runs", "training_history.jsonl", "train_summary.json", "adapter_config.json",
