@@ -1,0 +1,229 @@
+"""What every benchmark shares: the data subset, the runners, peak memory, results files.
+
+Not a test and not part of the zhlora package: benchmark scripts import it as
+`from common import ...` (they run as `python bench/NAME.py`, so bench/ is on sys.path).
+
+Fair comparison, the rules every script follows:
+  - one data subset, written once to bench/.work/data/: `--steps x --batch_size` rows
+    drawn from the generated set (data/train.json) and ../shared/datasets/alpaca_zh_demo.json
+    (real long answers) in their proportion of the two files, with a fixed seed;
+  - every runner trains exactly one epoch over it, so every runner processes the same
+    samples: `--steps` optimizer steps without packing (fewer rows with packing, the
+    same tokens), and tokens per second compare the same work;
+  - each repeat is a fresh subprocess, so its peak RSS (os.wait4) is its own;
+  - figures are the median over repeats, with min and max beside it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+WORK = BENCH / ".work"  # scratch: data subset, run folders, logs (gitignored)
+RESULTS = BENCH / "results"
+GENERATED = REPO / "data" / "train.json"
+ALPACA_ZH = REPO.parent / "shared" / "datasets" / "alpaca_zh_demo.json"
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model; resolved to its cached safetensors folder
+
+
+def add_common_args(parser, steps: int = 6, repeats: int = 3) -> None:
+    """The flags every benchmark takes (defaults sized for a 2-core CPU, <= ~10 min a script)."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name or folder (default: the embedded model)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps (unpacked) = rows / batch_size")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--learning_rate", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=42)
+
+
+def model_folder(name: str) -> str:
+    """The folder all runners load (zhlora converts the embedded GGUF once, here)."""
+    from zhlora.models import resolve_model_path
+
+    return str(Path(resolve_model_path(name)).resolve())
+
+
+def child_env() -> dict:
+    return dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+
+def bf16_supported(device: str) -> bool:
+    """bf16 helps on a CPU with native bf16 dot products (AVX512-BF16 or AMX), or a GPU that has it."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# ---------------------------------------------------------------- data
+
+
+def build_subset(n: int, seed: int) -> list[dict]:
+    """n alpaca rows, stratified: generated and alpaca_zh_demo in their files' proportion."""
+    for path in (GENERATED, ALPACA_ZH):
+        if not path.is_file():
+            hint = "run `python data/prepare_data.py` first" if path == GENERATED else "shared/ datasets missing"
+            raise SystemExit(f"[bench] {path} not found: {hint}")
+    generated = json.loads(GENERATED.read_text(encoding="utf-8"))
+    alpaca = json.loads(ALPACA_ZH.read_text(encoding="utf-8"))
+    rng = random.Random(seed)
+    n_alpaca = round(n * len(alpaca) / (len(alpaca) + len(generated)))
+    rows = rng.sample(alpaca, n_alpaca) + rng.sample(generated, n - n_alpaca)
+    rng.shuffle(rows)
+    return [{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]} for r in rows]
+
+
+def write_subset(n: int, seed: int, folder: Path = WORK / "data") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"train_n{n}_seed{seed}.json"
+    path.write_text(json.dumps(build_subset(n, seed), ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
+
+
+def token_counts(data_file: Path, model: str, max_length: int) -> dict:
+    """Tokens of the subset as zhlora encodes it: the same for every zhlora variant.
+
+    `supervised` counts labels != -100 after the shift (what the loss averages over);
+    `sum_sq_len` is sum of each sample's length squared, for attention FLOPs (mfu.py).
+    """
+    from zhlora.formatting import IGNORE_INDEX, encode_sample
+    from zhlora.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    rows = json.loads(Path(data_file).read_text(encoding="utf-8"))
+    samples = [s for s in (encode_sample(r, tokenizer, "auto", max_length) for r in rows) if s is not None]
+    lengths = [len(s["input_ids"]) for s in samples]
+    return {"samples": len(samples), "dropped": len(rows) - len(samples), "tokens": sum(lengths),
+            "supervised": sum(sum(l != IGNORE_INDEX for l in s["labels"][1:]) for s in samples),
+            "padded_to_max_length": len(samples) * max_length, "sum_sq_len": sum(n * n for n in lengths),
+            "at_max_length": sum(n >= max_length for n in lengths)}
+
+
+# ---------------------------------------------------------------- subprocesses
+
+
+def run_measured(command: list[str], log: Path, cwd: Path = REPO, env: dict | None = None) -> dict:
+    """Run a command to the end; its exit code, wall seconds and peak RSS (MB) from os.wait4.
+
+    wait4 gives this child's own peak resident memory (and that of any process it
+    waited for), so repeats never inherit each other's peak.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as out:
+        proc = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**child_env(), **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
+    result = {"returncode": proc.returncode, "wall_seconds": time.perf_counter() - started,
+              "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "log": str(log.relative_to(REPO))}
+    if proc.returncode != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
+        raise SystemExit(f"[bench] failed ({proc.returncode}): {' '.join(command)}\n" + "\n".join(tail))
+    return result
+
+
+def zhlora_overrides(args, model: str, data_file: Path, out_dir: Path) -> list[str]:
+    """key=value overrides shared by every zhlora run of a benchmark (one epoch, no eval, no checkpoints)."""
+    return [f"model.name={model}", f"model.device={args.device}", f"data.train_file={data_file}",
+            f"data.val_file={WORK / 'no-val.json'}",  # a missing file: no evaluation inside the timing
+            f"data.max_length={args.max_length}", f"training.batch_size={args.batch_size}",
+            f"training.learning_rate={args.learning_rate}", "training.num_epochs=1", "training.max_steps=-1",
+            f"training.seed={args.seed}", "training.logging_steps=1", "training.eval_steps=1000000",
+            "training.save_steps=1000000", f"output.dir={out_dir}", "output.overwrite=true"]
+
+
+def run_zhlora(args, model: str, data_file: Path, name: str, extra: list[str]) -> dict:
+    """One zhlora training in a fresh process (`zhlora train`); figures from its train_summary.json.
+
+    zhlora's own timing excludes model loading, data encoding, its two calibration
+    passes before step 1 (they warm the kernels) and the final save.
+    """
+    out_dir = WORK / "runs" / name
+    command = [sys.executable, "-m", "zhlora.cli", "train", "--config", str(REPO / "configs" / "default.yaml"),
+               *zhlora_overrides(args, model, data_file, out_dir), *extra]
+    measured = run_measured(command, WORK / "logs" / f"{name}.log")
+    summary = json.loads((out_dir / "train_summary.json").read_text(encoding="utf-8"))
+    seconds = summary["wall_seconds"] - summary["eval_and_save_seconds"]
+    return {**measured, "train_seconds": seconds, "steps": summary["steps"],
+            "supervised": round(summary["supervised_tokens_per_s"] * seconds),
+            "final_loss": summary["final_loss"], "mixed_precision": summary["mixed_precision"],
+            "peak_gpu_mb": summary["peak_memory_mb"] if args.device == "cuda" else None}
+
+
+# ---------------------------------------------------------------- figures and results
+
+
+def figures(run: dict, supervised: int, tokens: int) -> dict:
+    """Per-run throughput from a runner's training seconds and the tokens it processed."""
+    return {"supervised_tokens_per_s": supervised / run["train_seconds"], "tokens_per_s": tokens / run["train_seconds"],
+            "seconds_per_step": run["train_seconds"] / max(1, run["steps"]), "peak_rss_mb": run["peak_rss_mb"],
+            "train_seconds": run["train_seconds"], "steps": run["steps"]}
+
+
+def median_of(runs: list[dict]) -> dict:
+    """Median of each numeric figure over repeats, plus [min, max] of the headline one."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    out = {k: statistics.median(r[k] for r in runs) for k in keys}
+    sup = [r["supervised_tokens_per_s"] for r in runs if "supervised_tokens_per_s" in r]
+    if sup:
+        out["supervised_tokens_per_s_range"] = [min(sup), max(sup)]
+    out["repeats"] = len(runs)
+    return out
+
+
+def machine(device: str = "cpu") -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines() if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "bf16_native": bf16_supported("cpu"), "python": platform.python_version(), "torch": torch.__version__,
+            "device": device}
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import peft
+        import transformers
+
+        info["transformers"], info["peft"] = transformers.__version__, peft.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def result_name(name: str, device: str) -> str:
+    """CPU results keep the plain name; GPU runs get a suffix so they never overwrite them."""
+    return name if device == "cpu" else f"{name}_{device}"
+
+
+def write_result(name: str, data: dict) -> Path:
+    """Print the result as one JSON line and write bench/results/NAME.json."""
+    data = {"benchmark": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **data}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(json.dumps(data, ensure_ascii=False))
+    return path
+
+
+def self_peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,112 @@
+"""Training throughput: the usual tutorial baseline vs zhlora's defaults vs zhlora's fastest.
+
+    python bench/train_throughput.py                       # CPU, 6 steps x batch 4, 3 repeats (~10 min on 2 cores)
+    python bench/train_throughput.py --steps 2 --repeats 1 # smoke run
+    python bench/train_throughput.py --device cuda --steps 50
+
+Variants, all on the same model, data subset (see common.py), LoRA r=16 alpha=32
+dropout 0.05 on q_proj,v_proj, batch size, learning rate and one epoch:
+  baseline       bench/baselines/hf_trainer_peft.py: HF Trainer + PEFT, every sample
+                 padded to max_length, no length grouping, fp32 (the usual tutorial);
+  zhlora_default `zhlora train` with its defaults (dynamic padding, length grouping;
+                 fp32 on a CPU, bf16 on a GPU);
+  zhlora_fast    + training.packing=true and bf16 autocast where the CPU has native bf16
+                 (plus --fast_overrides).
+Each repeat runs in a fresh process (peak RSS is its own); repeats are interleaved
+(a, b, c, a, b, c, ...) so a slow phase of the machine hits every variant alike.
+
+Figures: supervised tokens/s (answer tokens the loss learns from), total tokens/s
+(real tokens, padding not counted), seconds per optimizer step, peak RSS; medians
+over repeats and their ratios to the baseline. Timing covers the optimizer steps
+only: model loading, tokenising and saving are left out of every variant. zhlora
+runs two calibration passes before step 1 (they warm the kernels), the baseline
+none, so the baseline's first step is cold: `baseline_steady` in the JSON gives its
+figures without step 1, for a reader who wants that bias removed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from common import (WORK, add_common_args, bf16_supported, figures, machine, median_of, model_folder, result_name,
+                    run_measured, run_zhlora, token_counts, write_result, write_subset)
+
+BASELINE = "bench/baselines/hf_trainer_peft.py"
+
+
+def run_baseline(args, model: str, data_file, name: str) -> dict:
+    result_file = WORK / "runs" / name / "baseline_result.json"
+    command = [sys.executable, BASELINE, "--data", str(data_file), "--model", model, "--result", str(result_file),
+               "--output_dir", str(WORK / "runs" / name), "--device", args.device, "--batch_size",
+               str(args.batch_size), "--max_length", str(args.max_length), "--learning_rate", str(args.learning_rate),
+               "--seed", str(args.seed)]
+    measured = run_measured(command, WORK / "logs" / f"{name}.log")
+    return {**measured, **json.loads(result_file.read_text())}
+
+
+def fast_overrides(args) -> list[str]:
+    extra = ["training.packing=true"]
+    if args.device == "cpu" and bf16_supported("cpu"):
+        extra.append("training.mixed_precision=bf16")
+    return extra + list(args.fast_overrides)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--variants", default="baseline,zhlora_default,zhlora_fast")
+    parser.add_argument("--fast_overrides", nargs="*", default=[], help="more key=value for zhlora_fast")
+    args = parser.parse_args(argv)
+
+    model = model_folder(args.model)
+    data_file = write_subset(args.steps * args.batch_size, args.seed)
+    counts = token_counts(data_file, model, args.max_length)
+    print(f"[bench] {data_file.name}: {counts}")
+    variants = args.variants.split(",")
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    steady: list[dict] = []
+    for repeat in range(args.repeats):
+        for variant in variants:
+            name = f"{variant}-{args.device}-{repeat}"
+            if variant == "baseline":
+                run = run_baseline(args, model, data_file, name)
+                if run["supervised"] != counts["supervised"]:  # different tokenisation: say so, use its own count
+                    print(f"[bench] note: baseline counted {run['supervised']} supervised tokens, zhlora "
+                          f"{counts['supervised']}")
+                fig = figures(run, run["supervised"], run["tokens"])
+                if run["steps"] > 1:  # without the cold first step
+                    later = sum(run["step_seconds"][1:])
+                    steady.append({"seconds_per_step": later / (run["steps"] - 1),
+                                   "supervised_tokens_per_s": sum(run["step_supervised"][1:]) / later})
+            else:
+                extra = fast_overrides(args) if variant == "zhlora_fast" else []
+                run = run_zhlora(args, model, data_file, name, extra)
+                fig = figures(run, run["supervised"], counts["tokens"])
+            fig["final_loss"] = run["final_loss"]
+            if run.get("peak_gpu_mb") is not None:
+                fig["peak_gpu_mb"] = run["peak_gpu_mb"]
+            runs[variant].append(fig)
+            print(f"[bench] {name}: {fig['supervised_tokens_per_s']:.1f} supervised tok/s, "
+                  f"{fig['seconds_per_step']:.2f} s/step, peak RSS {fig['peak_rss_mb']:.0f} MB")
+
+    medians = {v: median_of(r) for v, r in runs.items()}
+    base = medians.get("baseline")
+    ratios = {}
+    if base:
+        for v, m in medians.items():
+            ratios[v] = {"supervised_tokens_per_s": m["supervised_tokens_per_s"] / base["supervised_tokens_per_s"],
+                         "tokens_per_s": m["tokens_per_s"] / base["tokens_per_s"],
+                         "peak_rss": m["peak_rss_mb"] / base["peak_rss_mb"]}
+    write_result(result_name("train_throughput", args.device), {
+        "machine": machine(args.device), "data": {"file": data_file.name, **counts},
+        "settings": {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
+                     "max_length": args.max_length, "learning_rate": args.learning_rate, "repeats": args.repeats,
+                     "lora": "r16 a32 d0.05 q_proj,v_proj", "zhlora_fast_overrides": fast_overrides(args)},
+        "median": medians, "ratio_to_baseline": ratios, "runs": runs,
+        "baseline_steady": median_of(steady) if steady else None})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
