@@ -130,6 +130,35 @@ def test_packed_loss_equals_unpacked_loss(tiny_model_dir, tiny_data_dir):
     assert torch.allclose(padded[0] / padded[1], one_by_one, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_supervised_logits_give_the_same_loss_and_gradients(tiny_model_dir, tiny_data_dir, packed):
+    """training.supervised_logits only skips the output layer where nothing is trained."""
+    from zhlora.adapter import apply_lora
+    from zhlora.batching import collate_packed, collate_padded
+    from zhlora.models import load_model, load_tokenizer
+    from zhlora.train import compute_loss
+    from zhlora.train_setup import load_split
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "lora.lora_dropout=0"])
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    samples = load_split(str(tiny_data_dir / "train.json"), tokenizer, cfg)[0][:6]
+    batch = (collate_packed([samples[:3], samples[3:]], tokenizer.pad_token_id) if packed
+             else collate_padded(samples, tokenizer.pad_token_id))
+    model, _ = load_model(cfg.model)
+    model = apply_lora(model, cfg)
+    results = []
+    for supervised_logits in (False, True):
+        model.zero_grad()
+        loss, n = compute_loss(model, batch, supervised_logits)
+        loss.backward()
+        results.append((loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+    (full, n_full, g_full), (part, n_part, g_part) = results
+    assert n_full == n_part > 0
+    assert torch.allclose(full, part, rtol=1e-5)
+    assert g_full.keys() == g_part.keys() and all(torch.allclose(g_full[k], g_part[k], atol=1e-6) for k in g_full)
+
+
 def test_packed_training_runs(tiny_model_dir, tiny_data_dir, tmp_path):
     summary = run(tiny_model_dir, tiny_data_dir, tmp_path / "out", "training.max_steps=5", "training.packing=true")
     assert summary["steps"] == 5 and summary["final_loss"] > 0
@@ -196,3 +225,15 @@ def test_torchrun_two_processes_end_identical(tiny_model_dir, tiny_data_dir, tmp
     assert summary["processes"] == 2
     fingerprints = summary["replica_fingerprints"]
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
+
+
+def test_real_tokens_never_counts_padding():
+    from types import SimpleNamespace
+
+    from zhlora.train import real_tokens
+
+    train = [{"input_ids": [1] * n} for n in (5, 3, 7)]
+    padded = SimpleNamespace(cfg=SimpleNamespace(training=SimpleNamespace(packing=False)), train=train)
+    packed = SimpleNamespace(cfg=SimpleNamespace(training=SimpleNamespace(packing=True)), train=train)
+    assert real_tokens(padded, [0, 2]) == 12  # a padded batch of 2 x 7 holds 12 real tokens
+    assert real_tokens(packed, [[0, 1], [2]]) == 15  # packed rows of width 8: the tails are padding

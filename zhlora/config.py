@@ -73,6 +73,7 @@ class TrainingConfig:
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16 (fp16 only on CUDA)
     packing: bool = False  # padding-free packing; samples never attend to each other
     group_by_length: bool = True  # batches of similar length waste less compute on padding
+    supervised_logits: bool = True  # output layer only where a token is trained: same loss, less time
     logging_steps: int = 5
     eval_steps: int = 50
     save_steps: int = 100
