@@ -1,0 +1,595 @@
+"""Write the project's measured figures into docs/: docs/results/performance.md and the
+generated sections of docs/guide.md. No figure in them is typed by hand.
+
+    python scripts/make_reports.py               # snapshot the results found, then write the reports
+    python scripts/make_reports.py --no_collect  # rewrite the reports from the committed snapshot only
+    python scripts/make_reports.py --check       # exit 1 if a report differs from what the snapshot gives
+
+Two stages, handing over through files:
+1. collect. Run outputs live where git does not look (runs/, outputs/ are ignored; bench/results/
+   belongs to the benchmarks). Their result files are copied byte for byte into docs/results/data/,
+   which git keeps:
+       runs/<experiment>/results.csv, results.md, *.png     -> data/experiments/<experiment>/
+       runs/<experiment>/<point>/seed*/RUN_FILES            -> data/experiments/<experiment>/<point>/seed*/
+       outputs/RUN_FILES, outputs/*.png                     -> data/outputs/
+       runs/faq/<case>/RUN_FILES                            -> data/faq/<case>/
+       bench/results/*.json                                 -> data/bench/
+   An absent source leaves its snapshot alone, so a fresh clone may run this script without
+   losing the committed numbers; a present source replaces its whole snapshot folder.
+2. render. Only the snapshot, zhlora/lora.py and the model configs that ship in
+   zhlora/resources/model_configs/ are read (parameter counts: zhlora.params on the meta device,
+   offline). performance.md is written whole; in the guide only the text between
+   `<!-- BEGIN GENERATED: name -->` and `<!-- END GENERATED: name -->` is replaced. A result
+   that is missing is said plainly, with the command that produces it.
+
+Longer than STYLE's ~350 lines because each section is its own small renderer; they share
+only the helpers at the top.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import difflib
+import json
+import re
+import shutil
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GUIDE, REPORT, SNAPSHOT = Path("docs/guide.md"), Path("docs/results/performance.md"), Path("docs/results/data")
+RUN_FILES = ("config.yaml", "train_summary.json", "evaluation_results.json", "training_history.jsonl")
+MARKER = re.compile(r"(<!-- BEGIN GENERATED: ([\w-]+) -->\n)(.*?)(<!-- END GENERATED: \2 -->)", re.S)
+NOTE = "<!-- 本节由 scripts/make_reports.py 生成，请勿手改；改数据后重新运行它 -->"
+NOT_YET = "**尚未测量（not yet measured）。**"
+REGENERATE = "再运行 `python scripts/make_reports.py`。"
+MB = 2 ** 20
+
+# Parameter counts: (model, overrides, the guide's claim). SmolLM2 is the embedded model; its shipped
+# config.json is the one the GGUF was made from, so the count does not depend on a local cache.
+QWEN, SMOL = "Qwen/Qwen2.5-0.5B-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"
+SETTINGS = [("training.method=full",), ("lora.r=8",), ("lora.r=16",), ("lora.r=32",),
+            ("lora.r=16", "lora.target_modules=all-linear")]
+CLAIMS = {(QWEN, "training.method=full"): 500e6, (QWEN, "lora.r=16"): 1e6, (QWEN, "lora.r=32"): 2e6}
+CLAIM_TOLERANCE = 0.15  # "about 1M": within 15%
+
+# The guide's claims for LoRA against full fine-tuning, and when we call each one met.
+THRESHOLDS = {"params": 0.9975, "time": 0.37, "memory": 0.275, "storage_mb": 10.0}
+
+# Benchmarks (issue 7): summary.json key -> (meaning, target), and the commands that fill bench/results/.
+BENCH_TARGETS = {"speedup_vs_baseline": ("训练有监督 token/s，相对常见教程基线（HF Trainer + PEFT，全部 padding）", 3.0),
+                 "speedup_vs_llamafactory": ("训练有监督 token/s，相对 LLaMA-Factory 在本机的最好设置", 1.5),
+                 "mfu": ("训练的模型 FLOPs 利用率（占实测矩阵乘峰值的比例）", 0.5),
+                 "speedup_batched": ("评估生成 token/s，批量贪心 vs 逐条采样", 4.0)}
+BENCH_COMMANDS = ["python bench/train_throughput.py", "bash bench/peer_llamafactory.sh",
+                  "python bench/generation.py", "python bench/mfu.py"]
+
+# 常见问题: each problem is two runs under runs/faq/ whose commands the guide shows (a test checks
+# that every folder below appears in a command of the guide). Figures come from their RUN_FILES.
+FAQ = [("不收敛：学习率过大", "lr_high", "lr_ok",
+        [("first_loss", "首个训练 loss"), ("final_loss", "最后训练 loss"), ("final_eval_loss", "验证 loss")]),
+       ("生成效果差：训练太少", "steps_10", "steps_100",
+        [("exact_match", "精确匹配"), ("avg_similarity", "字符相似度"), ("final_loss", "最后训练 loss")]),
+       ("内存不足：batch 太大", "mem_batch16", "mem_accum8",
+        [("peak_memory_mb", "峰值内存 MB"), ("seconds_per_step", "秒/步"), ("final_loss", "最后训练 loss")]),
+       ("训练太慢：fp32、不分组", "slow_fp32", "fast_bf16_packing",
+        [("supervised_tokens_per_s", "有监督 token/s"), ("seconds_per_step", "秒/步"),
+         ("peak_memory_mb", "峰值内存 MB")])]
+EXPERIMENT_ORDER = ["baseline", "r_ablation", "lr_ablation", "data_size", "target_modules", "lora_vs_full"]
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+def read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def read_yaml(path: Path):
+    import yaml
+
+    return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def number(text):
+    """A results.csv cell (text, empty when there is no value) as a float, or None."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def fmt(value, digits: int = 3) -> str:
+    """One style for every figure: thousands separators for big numbers, `-` where there is none."""
+    if value is None:
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.1f}"
+    return f"{value:.{digits}f}"
+
+
+def mean_std(row: dict, metric: str) -> str:
+    mean, std = number(row.get(f"{metric}_mean")), number(row.get(f"{metric}_std"))
+    return fmt(mean) + ("" if std is None else f" ± {fmt(std)}")
+
+
+def load_experiment(folder: Path) -> list[dict] | None:
+    """results.csv rows, each with the config, train summary and evaluation of its first seed."""
+    path = folder / "results.csv"
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        seeds = sorted((folder / row["point"]).glob("seed*"))
+        first = seeds[0] if seeds else folder / row["point"] / "missing"
+        row["config"] = read_yaml(first / "config.yaml") or {}
+        row["summary"] = read_json(first / "train_summary.json") or {}
+        row["evaluation"] = read_json(first / "evaluation_results.json") or {}
+    return rows
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+# ---- collect ------------------------------------------------------------------------------------
+
+def _replace(target: Path, base: Path, files: list[Path]) -> list[str]:
+    """Make target hold exactly these files (paths kept relative to base)."""
+    shutil.rmtree(target, ignore_errors=True)
+    for f in files:
+        (target / f.relative_to(base)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, target / f.relative_to(base))
+    return [str(f) for f in files]
+
+
+def _run_files(folder: Path) -> list[Path]:
+    return [folder / name for name in RUN_FILES if (folder / name).is_file()]
+
+
+def collect(root: Path) -> list[str]:
+    """Copy the result files found into the snapshot; returns the sources copied."""
+    data, copied = root / SNAPSHOT, []
+    for results in sorted((root / "runs").glob("*/results.csv")):
+        exp = results.parent
+        files = [f for f in sorted(exp.iterdir()) if f.suffix in (".csv", ".md", ".png")]
+        files += [f for seed in sorted(exp.glob("*/seed*")) for f in _run_files(seed)]
+        copied += _replace(data / "experiments" / exp.name, exp, files)
+    outputs = root / "outputs"
+    if (outputs / "train_summary.json").is_file():
+        copied += _replace(data / "outputs", outputs, _run_files(outputs) + sorted(outputs.glob("*.png")))
+    for case in sorted((root / "runs" / "faq").glob("*/training_history.jsonl")):
+        copied += _replace(data / "faq" / case.parent.name, case.parent, _run_files(case.parent))
+    bench = sorted((root / "bench" / "results").glob("*.json"))
+    if bench:
+        copied += _replace(data / "bench", root / "bench" / "results", bench)
+    return copied
+
+
+# ---- sections -----------------------------------------------------------------------------------
+
+def section_lora_code(root: Path, data: Path, link: str) -> str:
+    """The LoRALinear class of zhlora/lora.py, as the file has it now."""
+    path = root / "zhlora" / "lora.py"
+    if not path.is_file():
+        return "找不到 `zhlora/lora.py`。"
+    source = path.read_text(encoding="utf-8")
+    node = next((n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "LoRALinear"), None)
+    if node is None:
+        return "`zhlora/lora.py` 中没有 `LoRALinear` 类。"
+    lines = source.splitlines()[node.lineno - 1:node.end_lineno]
+    return "\n".join([f"`zhlora/lora.py` 第 {node.lineno}-{node.end_lineno} 行：", "", "```python", *lines, "```"])
+
+
+@lru_cache(maxsize=None)
+def param_count(model: str, overrides: tuple[str, ...]) -> tuple[int, int, int]:
+    """(trainable, total with adapter, base model) from the model's config alone (zhlora params)."""
+    from zhlora.config import load_config
+    from zhlora.params import count, model_config
+
+    return count(model_config(model)[0], load_config(None, list(overrides)))
+
+
+def _setting_text(overrides: tuple[str, ...]) -> str:
+    if "training.method=full" in overrides:
+        return "全量微调"
+    values = dict(o.split("=", 1) for o in overrides)
+    return f"LoRA r={values['lora.r']}, {values.get('lora.target_modules', 'q_proj,v_proj')}"
+
+
+def section_params(root: Path, data: Path, link: str) -> str:
+    lines = ["由模型的 `config.json` 在 meta 设备上建出模型后计数（不下载权重，离线可算；同 "
+             "`zhlora params --model NAME lora.r=16`），配置随包附带于 `zhlora/resources/model_configs/`。"
+             "LoRA 默认 `lora_alpha=32`、`target_modules=[q_proj, v_proj]`；“占全部”是可训练参数 / "
+             "（模型 + adapter），与训练时打印的一致；大小按 fp32 每参数 4 字节。", ""]
+    rows = []
+    for model in (QWEN, SMOL):
+        for overrides in SETTINGS:
+            trainable, total, base = param_count(model, overrides)
+            claim = CLAIMS.get((model, overrides[0])) if len(overrides) == 1 else None
+            verdict = "-"
+            if claim:
+                off = trainable / claim - 1
+                verdict = f"约 {claim / 1e6:g}M：{'相符' if abs(off) <= CLAIM_TOLERANCE else '不符'}（{off:+.0%}）"
+            name = model if model == QWEN else "smollm2-135m-instruct（内置）"
+            rows.append([name, _setting_text(overrides), f"{trainable:,}", f"{100 * trainable / total:.3f}%",
+                         f"{trainable * 4 / MB:,.1f}", verdict])
+    lines += table(["模型", "设置", "可训练参数", "占全部", "大小 MB", "指南的说法"], rows)
+    q16, s16 = param_count(QWEN, ("lora.r=16",)), param_count(SMOL, ("lora.r=16",))
+    lines += ["", f"“参数减少 99.8%”：Qwen2.5-0.5B 上 r=16、q_proj+v_proj 训练 {q16[0]:,} 个参数，是全量 "
+              f"{q16[2]:,} 个的 {q16[0] / q16[2]:.2%}，即减少 {1 - q16[0] / q16[2]:.2%}；内置的 SmolLM2-135M "
+              f"同样设置减少 {1 - s16[0] / s16[2]:.2%}。一个 in×out 的矩阵，LoRA 训练 r·(in+out) 个参数，"
+              f"占 r·(in+out)/(in·out)：模型越宽（hidden 896 对 576），这个份额越小。"]
+    return "\n".join(lines)
+
+
+def _pick(rows: list[dict], method: str) -> dict | None:
+    return next((r for r in rows if (r.get("training.method") or r["config"].get("training", {}).get("method"))
+                 == method), None)
+
+
+def _verdict(ok: bool) -> str:
+    return "成立" if ok else "不成立"
+
+
+def claim_params(lora: dict, full: dict) -> tuple | None:
+    nl, nf = number(lora["trainable_params"]), number(full["trainable_params"])
+    if not (nl and nf):
+        return None
+    cfg = lora["config"].get("lora", {})
+    r, targets = cfg.get("r", "?"), cfg.get("target_modules", [])
+    overrides = (f"lora.r={r}", f"lora.target_modules={','.join(targets)}",
+                 f"lora.use_dora={str(cfg.get('use_dora', False)).lower()}") if cfg else ("lora.r=16",)
+    qwen = param_count(QWEN, overrides)  # the same setting on a wider model
+    saved, qwen_saved = 1 - nl / nf, 1 - qwen[0] / qwen[2]
+    ok = saved >= THRESHOLDS["params"]
+    return ("可训练参数", f"{nl:,.0f}", f"{nf:,.0f}", f"{nl / nf:.2%}", "减少 99.8%", _verdict(ok),
+            f"LoRA（r={r}，{'+'.join(targets)}）训练 {nl:,.0f} 个，全量 {nf:,.0f} 个，减少 {saved:.2%}。"
+            f"份额 r·(in+out)/(in·out) 随模型变宽而变小：同样设置在 Qwen2.5-0.5B（更宽）上减少 {qwen_saved:.2%}，"
+            + ("99.8% 对 0.5B 量级的模型成立，" if qwen_saved >= THRESHOLDS["params"] else "0.5B 量级的模型也达不到 99.8%，")
+            + ("在这个模型上也成立。" if ok else "在这个更窄的模型上达不到。"))
+
+
+def claim_time(lora: dict, full: dict) -> tuple | None:
+    tl, tf, nf = number(lora["seconds_per_step"]), number(full["seconds_per_step"]), number(full["trainable_params"])
+    if not (tl and tf and nf):
+        return None
+    ratio = tl / tf
+    ok = ratio <= THRESHOLDS["time"]
+    return ("每步秒数", fmt(tl), fmt(tf), f"{ratio:.2f}", "1/3", _verdict(ok),
+            f"实测 LoRA 一步是全量的 {ratio:.2f}。前向约占一步计算的 1/3，反向 2/3（一半求输入的梯度 dX，一半求权重的"
+            f"梯度 dW）；冻结的层仍要算 dX 才能把梯度传回更早的层，LoRA 只省掉 dW，所以单看计算量一步约是全量的 2/3，"
+            f"另外省掉 {nf:,.0f} 个参数的 AdamW 更新。"
+            + ("实测达到 1/3。" if ok else "同样 batch 下到不了 1/3；“1/3 时间”要靠省下的内存换来更大的 batch 或更少的卡。")
+            + ("实测还高于 2/3：多出的是两种方法都要付、不随可训练参数减少的开销（数据整理、softmax 与损失、框架调度），"
+               "模型越小，它们占一步的比例越大。" if ratio > 2 / 3 else ""))
+
+
+def claim_memory(lora: dict, full: dict) -> tuple | None:
+    ml, mf = number(lora["peak_memory_mb"]), number(full["peak_memory_mb"])
+    nl, nf = number(lora["trainable_params"]), number(full["trainable_params"])
+    if not (ml and mf and nl and nf):
+        return None
+    ratio = ml / mf
+    ok = ratio <= THRESHOLDS["memory"]
+    on_gpu = "cuda" in str(full["summary"].get("device", ""))
+    width = 2 if on_gpu and full["config"].get("model", {}).get("dtype") != "float32" else 4  # bytes per value
+    state = 4 * width * nf / MB  # full: weights + gradients + AdamW's two moments
+    lora_state = (width * nf + 4 * width * nl) / MB  # LoRA: frozen weights + the same four for A and B
+    rest = mf - state
+    why = (f"实测 LoRA 峰值是全量的 {ratio:.2f}（{full['summary'].get('peak_memory_kind', '峰值内存')}）。全量微调为每个"
+           f"参数存权重、梯度和 AdamW 的两个矩（各 {width} 字节），约 {state:,.0f} MB；LoRA 只存权重和 A、B 的这四份，"
+           f"约 {lora_state:,.0f} MB：只看这些，比值约是 1/4。")
+    if rest > 0:
+        why += (f"全量峰值 {mf:,.0f} MB 中其余约 {rest:,.0f} MB 是激活值和运行时（PyTorch、分词器、数据），两种方法都要付；"
+                f"按此估 LoRA 约 {rest + lora_state:,.0f} MB，实测 {ml:,.0f} MB。"
+                + ("" if ok else "模型越小、序列越短，这部分占比越大，1/4 越难达到。"))
+    else:
+        why += "实测峰值比这个估计还低，估计不适用（权重不是按上述字节数存放）。"
+    return ("峰值内存 MB", fmt(ml), fmt(mf), f"{ratio:.2f}", "1/4", _verdict(ok), why)
+
+
+def claim_storage(lora: dict, full: dict) -> tuple | None:
+    sl, sf, nl = number(lora.get("adapter_size_mb")), number(full.get("model_size_mb")), number(lora["trainable_params"])
+    if not (sl and sf and nl):
+        return None
+    ok = sl <= THRESHOLDS["storage_mb"]
+    return ("保存大小 MB", fmt(sl), fmt(sf), f"{sl / sf:.2%}", "几 MB", _verdict(ok),
+            f"adapter 只存 lora_A、lora_B（{nl:,.0f} 个参数 × 4 字节 ≈ {nl * 4 / MB:.1f} MB），全量微调要存整个模型 "
+            f"{sf:,.0f} MB，是 adapter 的 {sf / sl:,.0f} 倍。“几 MB”按 {THRESHOLDS['storage_mb']:g} MB 以内算"
+            + ("，成立。" if ok else "，这里超过了。"))
+
+
+def claim_quality(lora: dict, full: dict) -> tuple | None:
+    el, ef = number(lora.get("exact_match_mean")), number(full.get("exact_match_mean"))
+    if el is None or ef is None:
+        return None
+    noise = (number(lora.get("exact_match_std")) or 0) + (number(full.get("exact_match_std")) or 0)
+    gap = el - ef
+    verdict = "相当" if abs(gap) <= max(noise, 0.02) else ("LoRA 更好" if gap > 0 else "全量更好")
+    train_l, train_f = lora["config"].get("training", {}), full["config"].get("training", {})
+    samples = lora["evaluation"].get("settings", {}).get("max_samples") or "全部"
+    return ("精确匹配", mean_std(lora, "exact_match"), mean_std(full, "exact_match"), f"{gap:+.3f}", "接近全量", verdict,
+            f"两者都训练 {lora['summary'].get('steps', '?')} 步（batch {train_l.get('batch_size', '?')}），学习率 LoRA "
+            f"{train_l.get('learning_rate', '?')}、全量 {train_f.get('learning_rate', '?')}；测试集前 {samples} 条，贪心解码，"
+            f"{lora.get('seeds', '?')} 个种子。差 {gap:+.3f}，种子间标准差之和 {noise:.3f}："
+            + ("差距在波动之内。" if verdict == "相当" else "差距超出波动。")
+            + f"测试 loss：LoRA {mean_std(lora, 'test_loss')}，全量 {mean_std(full, 'test_loss')}。")
+
+
+CLAIMS_CHECKED = [claim_params, claim_time, claim_memory, claim_storage, claim_quality]
+
+
+def claims(lora: dict, full: dict) -> list[tuple]:
+    """(figure, LoRA, full, ratio, claim, verdict, why) for each claim the rows can speak to."""
+    return [c for c in (check(lora, full) for check in CLAIMS_CHECKED) if c]
+
+
+def section_lora_vs_full(root: Path, data: Path, link: str) -> str:
+    rows = load_experiment(data / "experiments" / "lora_vs_full")
+    lora, full = (_pick(rows, "lora"), _pick(rows, "full")) if rows else (None, None)
+    if not (lora and full):
+        return f"{NOT_YET} 运行 `zhlora experiment configs/experiments/lora_vs_full.yaml`，{REGENERATE}"
+    model = lora["summary"].get("model") or lora["config"].get("model", {}).get("name", "?")
+    lines = [f"`zhlora experiment configs/experiments/lora_vs_full.yaml`，模型 `{model}`，设备 "
+             f"`{lora['summary'].get('device', '?')}`，混合精度 `{lora['summary'].get('mixed_precision', '?')}`。"
+             "数据：`docs/results/data/experiments/lora_vs_full/`。", ""]
+    checked = claims(lora, full)
+    lines += table(["指标", "LoRA", "全量微调", "LoRA / 全量", "指南的说法", "在此规模"],
+                   [list(c[:6]) for c in checked])
+    lines += ["", *(f"- **{c[0]}**：{c[6]}" for c in checked)]
+    pareto = data / "experiments" / "lora_vs_full" / "quality_vs_peak_memory.png"
+    if pareto.is_file():
+        lines += ["", f"![质量与峰值内存]({link}/experiments/lora_vs_full/{pareto.name})"]
+    return "\n".join(lines)
+
+
+def section_bench(root: Path, data: Path, link: str) -> str:
+    folder = data / "bench"
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        return (f"{NOT_YET} `bench/results/` 里还没有结果。运行 " + "、".join(f"`{c}`" for c in BENCH_COMMANDS)
+                + "，" + REGENERATE)
+    lines = []
+    summary = read_json(folder / "summary.json")
+    if isinstance(summary, dict):
+        lines += [f"机器：{summary.get('machine', '未记录')}；日期：{summary.get('date', '未记录')}。", ""]
+        rows = []
+        for key, (meaning, target) in BENCH_TARGETS.items():
+            value = summary.get(key)
+            value = value if isinstance(value, (int, float)) else None
+            met = "-" if value is None else ("达到" if value >= target else "未达到")
+            rows.append([f"`{key}`", meaning, NOT_YET if value is None else fmt(value, 2), f"≥ {target:g}", met])
+        lines += table(["键", "含义", "实测", "目标", ""], rows) + [""]
+    else:
+        lines += ["`bench/results/summary.json` 尚未生成（not yet measured）。", ""]
+    for path in files:
+        if path.name == "summary.json":
+            continue
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            lines += [f"`{path.name}`：无法读取（{err}）。", ""]
+            continue
+        flat = _flatten(raw) if isinstance(raw, dict) else {}
+        lines += [f"`{path.name}`：", "", *table(["键", "值"], [[f"`{k}`", v] for k, v in list(flat.items())[:25]]), ""]
+    return "\n".join(lines).rstrip()
+
+
+def _flatten(value: dict, prefix: str = "") -> dict[str, str]:
+    """Scalars of a JSON object, nested keys joined with dots; lists are left out."""
+    out = {}
+    for key, item in value.items():
+        if isinstance(item, dict):
+            out.update(_flatten(item, f"{prefix}{key}."))
+        elif isinstance(item, bool) or item is None or isinstance(item, str):
+            out[prefix + key] = str(item)
+        elif isinstance(item, (int, float)):
+            out[prefix + key] = fmt(item, 3) if isinstance(item, float) else f"{item:,}"
+    return out
+
+
+def section_quick_start(root: Path, data: Path, link: str) -> str:
+    folder = data / "outputs"
+    summary, results = read_json(folder / "train_summary.json"), read_json(folder / "evaluation_results.json")
+    if summary is None:
+        return f"{NOT_YET} 运行 `python quick_start.py`，" + REGENERATE
+    lines = [f"`outputs/` 中的一次运行（模型 `{summary.get('model')}`，设备 `{summary.get('device')}`，"
+             f"混合精度 `{summary.get('mixed_precision')}`）：", "",
+             *table(["训练", "数值"], [
+                 ["可训练参数", f"{summary['trainable_params']:,} / {summary['total_params']:,} "
+                               f"（{summary['trainable_percent']:.2f}%）"],
+                 ["步数", str(summary.get("steps"))], ["秒/步", fmt(summary.get("seconds_per_step"))],
+                 ["有监督 token/s", fmt(summary.get("supervised_tokens_per_s"), 1)],
+                 ["最后训练 loss / 验证 loss", f"{fmt(summary.get('final_loss'))} / {fmt(summary.get('final_eval_loss'))}"],
+                 ["峰值内存 MB", f"{fmt(summary.get('peak_memory_mb'))}（{summary.get('peak_memory_kind', '')}）"],
+                 ["adapter 大小 MB", fmt(summary.get("adapter_size_mb") or summary.get("model_size_mb"))]]), ""]
+    if results is None:
+        lines.append(f"评估：{NOT_YET} 运行 `python training/evaluate.py --model_path outputs`，" + REGENERATE)
+    else:
+        base = results.get("baseline", {})
+        settings = results.get("settings", {})
+        lines += [f"评估：测试集前 {settings.get('max_samples') or '全部'} 条，贪心解码，"
+                  f"max_new_tokens {settings.get('max_new_tokens')}。", "",
+                  *table(["指标", "微调后", "基座模型", "差"],
+                         [[k, fmt(results.get(k)), fmt(base.get(k)),
+                           "-" if results.get(k) is None or base.get(k) is None else f"{results[k] - base[k]:+.3f}"]
+                          for k in ("exact_match", "success_rate", "avg_similarity", "rouge_l", "test_loss")
+                          if k in results])]
+    lines += ["", *(f"![{p.stem}]({link}/outputs/{p.name})" for p in sorted(folder.glob("*.png")))]
+    return "\n".join(lines).rstrip()
+
+
+def faq_figures(folder: Path) -> dict | None:
+    """The figures a 常见问题 row shows, from a run folder's files (None: never run)."""
+    history_path = folder / "training_history.jsonl"
+    if not history_path.is_file():
+        return None
+    history = [json.loads(line) for line in history_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    losses = [h["loss"] for h in history if "loss" in h]
+    summary = read_json(folder / "train_summary.json") or {}
+    results = read_json(folder / "evaluation_results.json") or {}
+    figures = {"first_loss": losses[0] if losses else None, **summary, **results}
+    if not summary:  # stopped early (a NaN loss stops training): say where
+        last = max((h.get("step", 0) for h in history), default=0)
+        figures["stopped"] = f"第 {last} 步后停止，无 train_summary.json"
+    return figures
+
+
+def _faq_cell(figures: dict | None, key: str) -> str:
+    if figures is None:
+        return "未测量"
+    value = figures.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return fmt(value)
+    return figures.get("stopped", "-")
+
+
+def section_faq(root: Path, data: Path, link: str) -> str:
+    rows, missing = [], []
+    for title, before, after, shown in FAQ:
+        runs = [faq_figures(data / "faq" / before), faq_figures(data / "faq" / after)]
+        missing += [f"`runs/faq/{name}`" for name, figures in zip((before, after), runs) if figures is None]
+        rows += [[title, label, _faq_cell(runs[0], key), _faq_cell(runs[1], key)] for key, label in shown]
+    lines = table(["问题", "指标", "之前", "之后"], rows)
+    if missing:
+        lines += ["", f"{NOT_YET} 缺少的运行：{'、'.join(missing)}。运行上面各问题的命令，{REGENERATE}"]
+    return "\n".join(lines)
+
+
+def _experiment_size(path: Path) -> str:
+    """The estimate an experiment YAML's header gives, from its "Size:" line to the next paragraph."""
+    if not path.is_file():
+        return ""
+    comment = [line[1:].strip() for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")]
+    start = next((i for i, c in enumerate(comment) if c.startswith("Size:")), None)
+    if start is None:
+        return ""
+    end = next((i for i in range(start + 1, len(comment)) if comment[i].startswith(("Scale by", "Disk:"))), len(comment))
+    return "（YAML 头注释的估计）" + " ".join(comment[start:end])
+
+
+def _best_sentence(rows: list[dict]) -> str:
+    ranked = sorted((r for r in rows if number(r.get("exact_match_mean")) is not None),
+                    key=lambda r: -number(r["exact_match_mean"]))
+    if len(ranked) < 2:
+        return ""
+    best, second = ranked[:2]
+    gap = number(best["exact_match_mean"]) - number(second["exact_match_mean"])
+    stds = [number(best.get("exact_match_std")), number(second.get("exact_match_std"))]
+    if None in stds:
+        return f"精确匹配最高：`{best['point']}`（只有一个种子，无法判断是否超出波动）。"
+    noise = sum(stds)
+    return (f"精确匹配最高：`{best['point']}`，比第二名 `{second['point']}` 高 {gap:.3f}；两者标准差之和 "
+            f"{noise:.3f}，" + ("差距超出种子间波动。" if gap > noise else "差距在种子间波动之内，分不出高下。"))
+
+
+def section_experiments(root: Path, data: Path, link: str) -> str:
+    configs = root / "configs" / "experiments"
+    names = {p.stem for p in configs.glob("*.yaml")} | {p.name for p in (data / "experiments").glob("*") if p.is_dir()}
+    names = sorted(names, key=lambda n: (EXPERIMENT_ORDER.index(n) if n in EXPERIMENT_ORDER else 99, n))
+    lines = []
+    for name in names:
+        size = _experiment_size(configs / f"{name}.yaml")
+        lines += [f"#### {name}", "", f"`zhlora experiment configs/experiments/{name}.yaml`" + (f" {size}" if size else ""), ""]
+        rows = load_experiment(data / "experiments" / name)
+        if not rows:
+            lines += [f"{NOT_YET} 运行上面的命令，{REGENERATE}", ""]
+            continue
+        lines += table(["点", "种子", "精确匹配", "字符相似度", "测试 loss", "可训练参数", "秒/步", "峰值内存 MB",
+                        "保存大小 MB"],
+                       [[f"`{r['point']}`", r.get("seeds", ""), mean_std(r, "exact_match"), mean_std(r, "avg_similarity"),
+                         mean_std(r, "test_loss"), fmt(number(r.get("trainable_params"))),
+                         fmt(number(r.get("seconds_per_step"))), fmt(number(r.get("peak_memory_mb"))),
+                         fmt(number(r.get("adapter_size_mb")) or number(r.get("model_size_mb")))] for r in rows])
+        sentence = _best_sentence(rows)
+        lines += ["", *([sentence, ""] if sentence else [])]
+        lines += [f"![{p.stem}]({link}/experiments/{name}/{p.name})"
+                  for p in sorted((data / "experiments" / name).glob("*.png"))]
+        lines.append("")
+    return "\n".join(lines).rstrip() or "`configs/experiments/` 中没有实验。"
+
+
+SECTIONS = {"lora_code": section_lora_code, "params": section_params, "lora_vs_full": section_lora_vs_full,
+            "bench": section_bench, "quick_start": section_quick_start, "faq": section_faq,
+            "experiments": section_experiments}
+
+
+# ---- documents ----------------------------------------------------------------------------------
+
+def render_report(root: Path) -> str:
+    data = root / SNAPSHOT
+    parts = ["# 性能分析：LoRA 与全量微调（实测）", "",
+             "本文件由 `python scripts/make_reports.py` 从 `docs/results/data/`（实验输出的快照）生成，"
+             "请勿手改。每个说法旁边是本项目在内置模型上的实测值，以及它在这个规模下为什么成立或不成立。", "",
+             "## LoRA 与全量微调", "", section_lora_vs_full(root, data, "data"), "",
+             "## 可训练参数（由模型 config 计算）", "", section_params(root, data, "data"), "",
+             "## 速度基准（bench/）", "", section_bench(root, data, "data"), ""]
+    return "\n".join(parts)
+
+
+def render_guide(root: Path, text: str) -> str:
+    """The guide with every generated section replaced by what the snapshot gives now."""
+    def fill(match: re.Match) -> str:
+        name = match.group(2)
+        if name not in SECTIONS:
+            raise KeyError(f"{GUIDE}: unknown generated section {name!r}; known: {', '.join(SECTIONS)}")
+        body = SECTIONS[name](root, root / SNAPSHOT, "results/data")
+        return f"{match.group(1)}{NOTE}\n\n{body}\n\n{match.group(4)}"
+
+    return MARKER.sub(fill, text)
+
+
+def expected_files(root: Path) -> dict[Path, str]:
+    files = {root / REPORT: render_report(root)}
+    if (root / GUIDE).is_file():
+        files[root / GUIDE] = render_guide(root, (root / GUIDE).read_text(encoding="utf-8"))
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Generate docs/results/performance.md and docs/guide.md's "
+                                                 "generated sections from run outputs.")
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file is out of date")
+    parser.add_argument("--no_collect", action="store_true", help="render from the committed snapshot only")
+    parser.add_argument("--root", type=Path, default=REPO, help="the repository (default: this script's)")
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+    if not (args.check or args.no_collect):
+        copied = collect(root)
+        print(f"[make_reports] snapshot: {len(copied)} files copied into {SNAPSHOT}/")
+    try:
+        files = expected_files(root)
+    except KeyError as err:
+        print(f"make_reports: error: {err.args[0]}", file=sys.stderr)
+        return 2
+    stale = []
+    for path, text in files.items():
+        old = path.read_text(encoding="utf-8") if path.is_file() else ""
+        if old == text:
+            continue
+        stale.append(path)
+        if args.check:
+            diff = difflib.unified_diff(old.splitlines(), text.splitlines(), str(path), "generated", lineterm="", n=1)
+            print("\n".join(list(diff)[:40]))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            print(f"[make_reports] wrote {path.relative_to(root)}")
+    if args.check and stale:
+        print(f"make_reports: out of date: {', '.join(str(p.relative_to(root)) for p in stale)}; run "
+              "python scripts/make_reports.py --no_collect (or without it, to take new results) and commit",
+              file=sys.stderr)
+        return 1
+    if not stale:
+        print("[make_reports] reports are current")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""scripts/make_reports.py on small fake repositories: the rows it writes for given results,
+the verdict on each of the guide's claims, and plain "not yet measured" where results are absent."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from zhlora.config import load_config, save_config
+from zhlora.experiment import write_csv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_make_reports():
+    """scripts/make_reports.py as a module, shared with test_guide.py (its parameter counts are cached)."""
+    if "make_reports" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("make_reports", REPO / "scripts" / "make_reports.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["make_reports"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["make_reports"]
+
+
+mr = load_make_reports()
+SECTIONS = ["lora_code", "quick_start", "params", "lora_vs_full", "bench", "faq", "experiments"]
+QUALITY = ["exact_match", "success_rate", "avg_similarity", "rouge_l", "test_loss"]
+
+
+def fake_root(tmp_path: Path) -> Path:
+    """A repository with a guide holding every generated section and two experiment YAMLs."""
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True)
+    (root / "docs" / "guide.md").write_text(
+        "# 指南\n\n" + "".join(f"## {n}\n\n<!-- BEGIN GENERATED: {n} -->\n<!-- END GENERATED: {n} -->\n\n"
+                               for n in SECTIONS), encoding="utf-8")
+    (root / "configs" / "experiments").mkdir(parents=True)
+    for name in ("lora_vs_full.yaml", "r_ablation.yaml"):
+        shutil.copy(REPO / "configs" / "experiments" / name, root / "configs" / "experiments" / name)
+    return root
+
+
+def row(point: str, grid: dict, quality: dict, **costs) -> dict:
+    """A results.csv row as zhlora/experiment.py's collect makes it."""
+    out = {"point": point, **grid, "seeds": 2}
+    for name in QUALITY:
+        mean, std = quality.get(name, (None, None))
+        out[f"{name}_mean"], out[f"{name}_std"] = mean, std
+    for name in ("trainable_params", "seconds_per_step", "supervised_tokens_per_s", "peak_memory_mb",
+                 "adapter_size_mb", "model_size_mb"):
+        out[name] = costs.get(name)
+    return out
+
+
+def write_experiment(root: Path, name: str, rows: list[dict], overrides: dict[str, list[str]]) -> Path:
+    """runs/<name>/results.csv and, per point, seed folders with config.yaml and the summaries."""
+    folder = root / "runs" / name
+    folder.mkdir(parents=True)
+    write_csv(rows, folder)
+    for r in rows:
+        for seed in (42, 43):
+            run = folder / r["point"] / f"seed{seed}"
+            run.mkdir(parents=True)
+            save_config(load_config(None, overrides[r["point"]] + ["training.max_steps=30", "training.batch_size=8"]),
+                        run / "config.yaml")
+            (run / "train_summary.json").write_text(json.dumps(
+                {"model": "smollm2-135m-instruct", "device": "cpu", "mixed_precision": "bf16", "steps": 30,
+                 "peak_memory_kind": "process peak RSS"}), encoding="utf-8")
+            (run / "evaluation_results.json").write_text(json.dumps({"settings": {"max_samples": 48}}), "utf-8")
+    return folder
+
+
+LORA = row("method=lora_learning_rate=0.001", {"training.method": "lora", "training.learning_rate": 0.001},
+           {"exact_match": (0.40, 0.05), "test_loss": (0.9, 0.01)}, trainable_params=921_600, seconds_per_step=2.6,
+           supervised_tokens_per_s=300.0, peak_memory_mb=1800.0, adapter_size_mb=3.518)
+FULL = row("method=full_learning_rate=5e-05", {"training.method": "full", "training.learning_rate": 5e-05},
+           {"exact_match": (0.35, 0.05), "test_loss": (1.0, 0.02)}, trainable_params=134_515_008,
+           seconds_per_step=6.0, supervised_tokens_per_s=130.0, peak_memory_mb=3900.0, model_size_mb=513.2)
+RECIPES = {LORA["point"]: ["training.method=lora", "training.learning_rate=1e-3"],
+           FULL["point"]: ["training.method=full", "training.learning_rate=5e-5"]}
+
+
+def generated(text: str, name: str) -> str:
+    return text.split(f"<!-- BEGIN GENERATED: {name} -->")[1].split(f"<!-- END GENERATED: {name} -->")[0]
+
+
+def test_absent_results_are_said_plainly(tmp_path):
+    root = fake_root(tmp_path)
+    assert mr.main(["--root", str(root)]) == 0
+    report = (root / "docs" / "results" / "performance.md").read_text(encoding="utf-8")
+    guide = (root / "docs" / "guide.md").read_text(encoding="utf-8")
+    assert report.count("尚未测量（not yet measured）") == 2  # LoRA vs full, and the benchmarks
+    assert "`zhlora experiment configs/experiments/lora_vs_full.yaml`" in report
+    assert "`python bench/train_throughput.py`" in report
+    for name in ("lora_vs_full", "bench", "quick_start"):
+        assert "尚未测量" in generated(guide, name) and "|" not in generated(guide, name)  # no table, no number
+    faq = generated(guide, "faq")
+    assert faq.count("| 未测量 | 未测量 |") == 12 and "`runs/faq/lr_high`" in faq
+    experiments = generated(guide, "experiments")
+    assert "#### r_ablation" in experiments and experiments.count("尚未测量") == 2
+    assert "找不到 `zhlora/lora.py`" in generated(guide, "lora_code")
+    assert mr.main(["--root", str(root), "--check"]) == 0
+
+
+def test_lora_vs_full_rows_beside_the_claims(tmp_path):
+    root = fake_root(tmp_path)
+    write_experiment(root, "lora_vs_full", [LORA, FULL], RECIPES)
+    assert mr.main(["--root", str(root)]) == 0
+    report = (root / "docs" / "results" / "performance.md").read_text(encoding="utf-8")
+    assert "| 可训练参数 | 921,600 | 134,515,008 | 0.69% | 减少 99.8% | 不成立 |" in report
+    assert "| 每步秒数 | 2.600 | 6.000 | 0.43 | 1/3 | 不成立 |" in report
+    assert "| 峰值内存 MB | 1,800 | 3,900 | 0.46 | 1/4 | 不成立 |" in report
+    assert "| 保存大小 MB | 3.518 | 513.2 | 0.69% | 几 MB | 成立 |" in report
+    assert "| 精确匹配 | 0.400 ± 0.050 | 0.350 ± 0.050 | +0.050 | 接近全量 | 相当 |" in report
+    # the reasons are computed from the same numbers: model state 16 B x 134.5M params ~ 2,053 MB
+    assert "约 2,053 MB" in report and "减少 99.31%" in report and "是 adapter 的 146 倍" in report
+    assert "同样设置在 Qwen2.5-0.5B（更宽）上减少 99.78%" in report  # r=16 on q_proj, v_proj, from its config
+    snapshot = root / "docs" / "results" / "data" / "experiments" / "lora_vs_full"
+    assert (snapshot / "results.csv").read_bytes() == (root / "runs" / "lora_vs_full" / "results.csv").read_bytes()
+    assert (snapshot / LORA["point"] / "seed43" / "config.yaml").is_file()
+    guide = (root / "docs" / "guide.md").read_text(encoding="utf-8")
+    assert "| 可训练参数 | 921,600 |" in generated(guide, "lora_vs_full")
+
+
+def test_the_snapshot_outlives_the_runs_and_check_catches_edits(tmp_path):
+    root = fake_root(tmp_path)
+    write_experiment(root, "lora_vs_full", [LORA, FULL], RECIPES)
+    assert mr.main(["--root", str(root)]) == 0
+    report = root / "docs" / "results" / "performance.md"
+    before = report.read_text(encoding="utf-8")
+    shutil.rmtree(root / "runs")  # a fresh clone: runs/ is not in git
+    assert mr.main(["--root", str(root)]) == 0
+    assert report.read_text(encoding="utf-8") == before
+    assert mr.main(["--root", str(root), "--check"]) == 0
+    report.write_text(before.replace("921,600", "900,000"), encoding="utf-8")  # typed by hand
+    assert mr.main(["--root", str(root), "--check"]) == 1
+    guide = root / "docs" / "guide.md"
+    assert mr.main(["--root", str(root), "--no_collect"]) == 0  # puts it right
+    guide.write_text(guide.read_text(encoding="utf-8").replace("| 0.69% |", "| 0.2% |", 1), encoding="utf-8")
+    assert mr.main(["--root", str(root), "--check"]) == 1
+
+
+def test_claims_that_hold_at_the_scale_they_come_from():
+    """Qwen2.5-0.5B-like figures: 0.22% of the parameters, a third of the time, a quarter of the memory."""
+    lora = {**row("lora", {}, {"exact_match": (0.5, None)}, trainable_params=1_081_344, seconds_per_step=1.0,
+                  peak_memory_mb=1000.0, adapter_size_mb=4.1),
+            "config": {"lora": {"r": 16, "target_modules": ["q_proj", "v_proj"]}, "training": {}}, "summary": {},
+            "evaluation": {}}
+    full = {**row("full", {}, {"exact_match": (0.2, None)}, trainable_params=494_032_768, seconds_per_step=3.2,
+                  peak_memory_mb=9000.0, model_size_mb=1884.0), "config": {}, "summary": {}, "evaluation": {}}
+    verdicts = {c[0]: c[5] for c in mr.claims(lora, full)}
+    assert verdicts == {"可训练参数": "成立", "每步秒数": "成立", "峰值内存 MB": "成立", "保存大小 MB": "成立",
+                        "精确匹配": "LoRA 更好"}
+
+
+def test_bench_results_fill_the_speed_section(tmp_path):
+    root = fake_root(tmp_path)
+    (root / "bench" / "results").mkdir(parents=True)
+    (root / "bench" / "results" / "summary.json").write_text(json.dumps(
+        {"speedup_vs_baseline": 3.5, "speedup_vs_llamafactory": 1.2, "mfu": 0.31, "machine": "2-core CPU",
+         "date": "2025-01-01"}), encoding="utf-8")
+    (root / "bench" / "results" / "mfu.json").write_text(json.dumps({"peak": {"bf16_gflops": 120.5}, "mfu": 0.31,
+                                                                     "runs": [1, 2]}), encoding="utf-8")
+    assert mr.main(["--root", str(root)]) == 0
+    report = (root / "docs" / "results" / "performance.md").read_text(encoding="utf-8")
+    assert "机器：2-core CPU；日期：2025-01-01。" in report
+    assert "| 3.50 | ≥ 3 | 达到 |" in report and "| 1.20 | ≥ 1.5 | 未达到 |" in report
+    assert "`speedup_batched` | 评估生成 token/s，批量贪心 vs 逐条采样 | **尚未测量" in report
+    assert "| `peak.bf16_gflops` | 120.5 |" in report and "runs" not in report.split("`mfu.json`")[1]
+
+
+def test_faq_before_and_after(tmp_path):
+    root = fake_root(tmp_path)
+    high, ok = root / "runs" / "faq" / "lr_high", root / "runs" / "faq" / "lr_ok"
+    for folder, losses in ((high, [2.5, 7.0, 12.0]), (ok, [2.5, 1.2, 0.6])):
+        folder.mkdir(parents=True)
+        (folder / "training_history.jsonl").write_text("".join(
+            json.dumps({"step": 5 * (i + 1), "loss": loss}) + "\n" for i, loss in enumerate(losses)), "utf-8")
+    (ok / "train_summary.json").write_text(json.dumps({"final_loss": 0.6, "final_eval_loss": 0.7}), "utf-8")
+    assert mr.main(["--root", str(root)]) == 0
+    faq = generated((root / "docs" / "guide.md").read_text(encoding="utf-8"), "faq")
+    assert "| 不收敛：学习率过大 | 首个训练 loss | 2.500 | 2.500 |" in faq
+    assert "| 不收敛：学习率过大 | 最后训练 loss | 第 15 步后停止，无 train_summary.json | 0.600 |" in faq
+    assert "| 生成效果差：训练太少 | 精确匹配 | 未测量 | 未测量 |" in faq
+    assert "`runs/faq/steps_10`" in faq and "`runs/faq/lr_ok`" not in faq
+
+
+def test_experiment_table_and_which_point_leads(tmp_path):
+    root = fake_root(tmp_path)
+    rows = [row("r=4_lora_alpha=8", {"lora.r": 4, "lora.lora_alpha": 8}, {"exact_match": (0.30, 0.01)},
+                trainable_params=230_400, seconds_per_step=2.5, peak_memory_mb=1700.0, adapter_size_mb=0.88),
+            row("r=16_lora_alpha=32", {"lora.r": 16, "lora.lora_alpha": 32}, {"exact_match": (0.31, 0.02)},
+                trainable_params=921_600, seconds_per_step=2.6, peak_memory_mb=1750.0, adapter_size_mb=3.52)]
+    write_experiment(root, "r_ablation", rows, {"r=4_lora_alpha=8": ["lora.r=4"], "r=16_lora_alpha=32": []})
+    (root / "runs" / "r_ablation" / "quality_vs_r.png").write_bytes(b"\x89PNG fake")
+    assert mr.main(["--root", str(root)]) == 0
+    experiments = generated((root / "docs" / "guide.md").read_text(encoding="utf-8"), "experiments")
+    assert ("| `r=4_lora_alpha=8` | 2 | 0.300 ± 0.010 | - | - | 230,400 | 2.500 | 1,700 | 0.880 |"
+            in experiments)
+    assert "精确匹配最高：`r=16_lora_alpha=32`，比第二名 `r=4_lora_alpha=8` 高 0.010；两者标准差之和 0.030，" \
+           "差距在种子间波动之内" in experiments
+    assert "![quality_vs_r](results/data/experiments/r_ablation/quality_vs_r.png)" in experiments
+    assert (root / "docs" / "results" / "data" / "experiments" / "r_ablation" / "quality_vs_r.png").is_file()
+    assert "#### lora_vs_full" in experiments and "尚未测量" in experiments.split("#### lora_vs_full")[1]
+
+
+def test_quick_start_section_from_outputs(tmp_path):
+    root = fake_root(tmp_path)
+    out = root / "outputs"
+    out.mkdir()
+    (out / "train_summary.json").write_text(json.dumps(
+        {"model": "smollm2-135m-instruct", "device": "cpu", "mixed_precision": "bf16", "trainable_params": 921_600,
+         "total_params": 135_436_608, "trainable_percent": 0.6805, "steps": 100, "seconds_per_step": 2.61,
+         "supervised_tokens_per_s": 310.2, "final_loss": 0.41, "final_eval_loss": 0.45, "peak_memory_mb": 1834.0,
+         "peak_memory_kind": "process peak RSS", "adapter_size_mb": 3.518}), encoding="utf-8")
+    (out / "evaluation_results.json").write_text(json.dumps(
+        {"exact_match": 0.5, "test_loss": 0.5, "baseline": {"exact_match": 0.1, "test_loss": 2.0},
+         "settings": {"max_samples": 48, "max_new_tokens": 48}}), encoding="utf-8")
+    assert mr.main(["--root", str(root)]) == 0
+    section = generated((root / "docs" / "guide.md").read_text(encoding="utf-8"), "quick_start")
+    assert "| 可训练参数 | 921,600 / 135,436,608 （0.68%） |" in section
+    assert "| exact_match | 0.500 | 0.100 | +0.400 |" in section and "| test_loss | 0.500 | 2.000 | -1.500 |" in section
+
+
+def test_an_unknown_section_is_refused(tmp_path, capsys):
+    root = fake_root(tmp_path)
+    guide = root / "docs" / "guide.md"
+    guide.write_text(guide.read_text(encoding="utf-8") + "<!-- BEGIN GENERATED: tabel -->\n<!-- END GENERATED: tabel -->\n",
+                     encoding="utf-8")
+    assert mr.main(["--root", str(root)]) == 2
+    assert "unknown generated section 'tabel'" in capsys.readouterr().err
