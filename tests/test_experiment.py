@@ -235,3 +235,22 @@ def test_runs_in_one_process_may_change_mixed_precision():
         assert Accelerator(cpu=True, mixed_precision="bf16").mixed_precision == "bf16"
     finally:
         experiment.reset_between_runs()  # leave no state behind for the next test's train()
+
+
+def test_points_that_set_different_keys_share_one_table(tmp_path):
+    """progressive.yaml: only its third point sets training.progressive."""
+    from zhlora.experiment import COSTS, QUALITY, Experiment, write_csv, write_markdown
+
+    def row(point, **grid):
+        numbers = {f"{m}_{s}": 0.5 for m in QUALITY for s in ("mean", "std")}
+        return {"point": point, **grid, "seeds": "42", **numbers, **{c: 1.0 for c in COSTS}}
+
+    rows = [row("r=8", **{"lora.r": "8"}), row("r=8_progressive", **{"lora.r": "8", "training.progressive": "[16@20]"})]
+    write_csv(rows, tmp_path)
+    header, first, second = (tmp_path / "results.csv").read_text().splitlines()
+    assert header.startswith("point,lora.r,training.progressive,seeds,")
+    assert first.startswith("r=8,8,,42,") and second.startswith("r=8_progressive,8,[16@20],42,")
+    exp = Experiment("p", "base.yaml", [], {}, [42], {"max_samples": 4, "max_new_tokens": 8}, False)
+    write_markdown(exp, rows, tmp_path, "zhlora experiment p.yaml")
+    table = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| r=8")]
+    assert table[0].startswith("| r=8 | 8 | - |") and table[1].startswith("| r=8_progressive | 8 | [16@20] |")

@@ -329,14 +329,18 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _grid_columns(row: dict) -> list[str]:
-    return [k for k in row if k not in ("point", "seeds", *COSTS) and not k.endswith(("_mean", "_std"))]
+def _grid_columns(rows: list[dict]) -> list[str]:
+    """The grid's keys over all rows: points given as mappings may each set other keys."""
+    keys = dict.fromkeys(k for row in rows for k in row)
+    return [k for k in keys if k not in ("point", "seeds", *COSTS) and not k.endswith(("_mean", "_std"))]
 
 
 def write_csv(rows: list[dict], output_dir: Path) -> None:
     """results.csv: every number at full precision, empty where there is none."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    grid = _grid_columns(rows)
+    fieldnames = ["point", *grid, *(k for k in rows[0] if k != "point" and k not in grid)]
+    writer = csv.DictWriter(text, fieldnames=fieldnames, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
     write_if_changed(output_dir / "results.csv", text.getvalue().encode())
@@ -352,13 +356,13 @@ def write_markdown(exp: Experiment, rows: list[dict], output_dir: Path, command:
              "exact_match, success_rate, avg_similarity: shares in [0, 1]; rouge_l x 100; test_loss: mean per "
              "supervised token (zhlora/metrics.py). peak_memory_mb: peak RSS on a CPU, peak allocation on a GPU.",
              ""]
-    keys = _grid_columns(rows[0])
+    keys = _grid_columns(rows)
     header = ["point", *keys, *QUALITY, *COSTS]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         quality = [_cell(row[f"{m}_mean"]) + ("" if row[f"{m}_std"] is None else f" ± {_cell(row[f'{m}_std'])}")
                    for m in QUALITY]
-        lines.append("| " + " | ".join([row["point"], *(row[k] for k in keys), *quality,
+        lines.append("| " + " | ".join([row["point"], *(row.get(k, "-") for k in keys), *quality,
                                          *(_cell(row[c]) for c in COSTS)]) + " |")
     lines += ["", *(f"![{p.name}]({p.name})" for p in sorted(output_dir.glob("quality_vs_*.png")))]
     write_if_changed(output_dir / "results.md", ("\n".join(lines) + "\n").encode())
@@ -378,7 +382,7 @@ def _numbers_first(values: tuple) -> tuple:
 
 def plot_against(plt, rows: list[dict], key: str, xlabel: str, log_base: int, label):
     """One panel per PLOTTED metric: mean ± std over seeds against `key`; a line per other setting."""
-    grid_keys = _grid_columns(rows[0])
+    grid_keys = _grid_columns(rows)
     # A key that moves together with this one (lora_alpha = 2r, set by a mapping) is no other dimension.
     others = [k for k in grid_keys if len({(r[key], r[k]) for r in rows}) > len({r[key] for r in rows})]
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.6))
@@ -402,7 +406,7 @@ def plot_against(plt, rows: list[dict], key: str, xlabel: str, log_base: int, la
 
 def _moves_with_a_category(rows: list[dict], key: str) -> bool:
     """lora at 1e-3 against full at 5e-5 compares two recipes; it is not a learning-rate curve."""
-    together = [k for k in _grid_columns(rows[0]) if k != key and len({r[k] for r in rows}) > 1
+    together = [k for k in _grid_columns(rows) if k != key and len({r[k] for r in rows}) > 1
                 and len({(r[key], r[k]) for r in rows}) == len({r[key] for r in rows})]
     return any(_number(r[k]) is None for k in together for r in rows)
 
