@@ -1,6 +1,7 @@
 """Gather bench/results/*.json into bench/results/summary.json and print a Markdown table for the README.
 
     python bench/summarize.py            # after the benchmarks below have written their results
+    python bench/summarize.py --readme   # also write the table into README.md, between its BENCH markers
 
 Headline keys (each a number, or null when its benchmark has not run yet):
   speedup_vs_baseline      zhlora_fast / tutorial baseline, supervised tokens/s (train_throughput.json)
@@ -17,7 +18,9 @@ import json
 import sys
 from datetime import datetime, timezone
 
-from common import RESULTS
+from common import REPO, RESULTS
+
+BEGIN, END = "<!-- BEGIN GENERATED: bench (python bench/summarize.py --readme) -->", "<!-- END GENERATED: bench -->"
 
 TARGETS = {"speedup_vs_baseline": (">=", 3.0), "speedup_vs_llamafactory": (">=", 1.5), "mfu": (">=", 0.5),
            "speedup_batched": (">=", 4.0), "peak_rss_ratio": ("<=", 1.0)}
@@ -86,7 +89,19 @@ def markdown(summary: dict, suffix: str = "") -> str:
     return "\n".join(lines)
 
 
+def write_readme(table: str) -> None:
+    """Replace what lies between the README's two BENCH markers with the table."""
+    readme = REPO / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme}: the markers {BEGIN} ... {END} are missing")
+    head, rest = text.split(BEGIN, 1)
+    readme.write_text(head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1], encoding="utf-8")
+    print(f"[bench] table written into {readme}")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     summary = headline()
     cuda = headline("_cuda")
     if cuda["sources"]:
@@ -94,10 +109,10 @@ def main(argv=None) -> int:
     summary["summarized"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(markdown(summary))
-    if cuda["sources"]:
-        print("\nGPU (--device cuda):\n")
-        print(markdown(cuda, "_cuda"))
+    table = markdown(summary) + (f"\n\nGPU (--device cuda):\n\n{markdown(cuda, '_cuda')}" if cuda["sources"] else "")
+    print(table)
+    if "--readme" in argv:
+        write_readme(table)
     return 0
 
 
