@@ -165,6 +165,13 @@ def collect(root: Path) -> list[str]:
         copied += _replace(data / "outputs", outputs, _run_files(outputs) + sorted(outputs.glob("*.png")))
     for case in sorted((root / "runs" / "faq").glob("*/training_history.jsonl")):
         copied += _replace(data / "faq" / case.parent.name, case.parent, _run_files(case.parent))
+    adapters = root / "runs" / "adapters_eval"
+    if (adapters / "report.md").is_file():
+        copied += _replace(data / "advanced" / "adapters_eval", adapters,
+                           [adapters / n for n in ("report.md", "evaluation_results.json") if (adapters / n).is_file()])
+    distill = root / "runs" / "distill"
+    if (distill / "evaluation_results.json").is_file():
+        copied += _replace(data / "advanced" / "distill", distill, _run_files(distill))
     bench = sorted((root / "bench" / "results").glob("*.json"))
     if bench:
         copied += _replace(data / "bench", root / "bench" / "results", bench)
@@ -515,7 +522,48 @@ def section_experiments(root: Path, data: Path, link: str) -> str:
     return "\n".join(lines).rstrip() or "`configs/experiments/` 中没有实验。"
 
 
-SECTIONS = {"lora_code": section_lora_code, "params": section_params, "lora_vs_full": section_lora_vs_full,
+def section_task_adapters(root: Path, data: Path, link: str) -> str:
+    """scripts/adapter_report.py's table, as it was written from `zhlora evaluate --adapters`."""
+    report = data / "advanced" / "adapters_eval" / "report.md"
+    if not report.is_file():
+        return (f"{NOT_YET} 运行 `zhlora experiment configs/experiments/task_adapters.yaml`，再按该文件开头的注释合并、"
+                f"评估（`zhlora evaluate --adapters ...`）并运行 `scripts/adapter_report.py`，{REGENERATE}")
+    results = read_json(data / "advanced" / "adapters_eval" / "evaluation_results.json") or {}
+    base = {name: r.get("baseline", {}).get("per_task", {}) for name, r in results.get("adapters", {}).items()}
+    lines = ["每个 adapter 只在它自己的 `data.tasks` 的测试行上评分（`zhlora evaluate --adapters`，贪心解码）；"
+             "合并用 `zhlora merge-adapters --combination_type cat --weights 1,1,1`，即三个更新之和。", "",
+             report.read_text(encoding="utf-8").strip()]
+    tasks = sorted({t for per in base.values() for t in per})
+    if tasks:
+        first = next(iter(base.values()))
+        lines += ["", "基座模型（所有 adapter 关闭）在同样的行上：" + "，".join(
+            f"{t} {fmt((next((b[t] for b in base.values() if t in b), first.get(t)) or {}).get('exact_match'))}"
+            for t in tasks) + "。"]
+    return "\n".join(lines)
+
+
+def section_distill(root: Path, data: Path, link: str) -> str:
+    """Student before (its own baseline: the cut model, no adapter) and after, beside the teacher."""
+    student = read_json(data / "advanced" / "distill" / "evaluation_results.json")
+    teacher = read_json(data / "outputs" / "evaluation_results.json")
+    summary = read_json(data / "advanced" / "distill" / "train_summary.json") or {}
+    if student is None or teacher is None:
+        return (f"{NOT_YET} 运行 `python quick_start.py`（教师）、`zhlora distill --config configs/distill.yaml "
+                f"training.distill_teacher=outputs output.dir=runs/distill` 与 `zhlora evaluate --model_path runs/distill`，"
+                + REGENERATE)
+    metrics = ("exact_match", "success_rate", "avg_similarity", "rouge_l", "test_loss")
+    rows = [["学生，蒸馏前（抽层后的模型，无 adapter）", *(fmt(student.get("baseline", {}).get(m)) for m in metrics)],
+            ["学生，蒸馏后", *(fmt(student.get(m)) for m in metrics)],
+            ["教师（outputs/，quick_start 微调后的 30 层模型）", *(fmt(teacher.get(m)) for m in metrics)]]
+    settings = student.get("settings", {})
+    lines = [f"学生：{summary.get('total_params', 0):,} 个参数，其中 LoRA 可训练 {summary.get('trainable_params', 0):,} 个；"
+             f"训练 {summary.get('steps')} 步，{fmt(summary.get('seconds_per_step'))} 秒/步，"
+             f"峰值内存 {fmt(summary.get('peak_memory_mb'))} MB。评估：测试集前 {settings.get('max_samples') or '全部'} 条，贪心解码。", "",
+             *table(["模型", "精确匹配", "成功率", "字符相似度", "ROUGE-L", "测试 loss"], rows)]
+    return "\n".join(lines)
+
+
+SECTIONS = {"lora_code": section_lora_code, "task_adapters": section_task_adapters, "distill": section_distill, "params": section_params, "lora_vs_full": section_lora_vs_full,
             "bench": section_bench, "quick_start": section_quick_start, "faq": section_faq,
             "experiments": section_experiments}
 

@@ -25,7 +25,8 @@ def load_make_reports():
 
 
 mr = load_make_reports()
-SECTIONS = ["lora_code", "quick_start", "params", "lora_vs_full", "bench", "faq", "experiments"]
+SECTIONS = ["lora_code", "quick_start", "params", "lora_vs_full", "bench", "faq", "experiments", "task_adapters",
+            "distill"]
 QUALITY = ["exact_match", "success_rate", "avg_similarity", "rouge_l", "test_loss"]
 
 
@@ -94,7 +95,7 @@ def test_absent_results_are_said_plainly(tmp_path):
     assert report.count("尚未测量（not yet measured）") == 2  # LoRA vs full, and the benchmarks
     assert "`zhlora experiment configs/experiments/lora_vs_full.yaml`" in report
     assert "`python bench/train_throughput.py`" in report
-    for name in ("lora_vs_full", "bench", "quick_start"):
+    for name in ("lora_vs_full", "bench", "quick_start", "task_adapters", "distill"):
         assert "尚未测量" in generated(guide, name) and "|" not in generated(guide, name)  # no table, no number
     faq = generated(guide, "faq")
     assert faq.count("| 未测量 | 未测量 |") == 12 and "`runs/faq/lr_high`" in faq
@@ -231,3 +232,32 @@ def test_an_unknown_section_is_refused(tmp_path, capsys):
                      encoding="utf-8")
     assert mr.main(["--root", str(root)]) == 2
     assert "unknown generated section 'tabel'" in capsys.readouterr().err
+
+
+def test_task_adapter_report_and_distillation(tmp_path):
+    root = fake_root(tmp_path)
+    adapters = root / "runs" / "adapters_eval"
+    adapters.mkdir(parents=True)
+    (adapters / "report.md").write_text("| task | n | task adapter |\n|---|---|---|\n| s2t | 9 | 0.667 (s2t) |\n", "utf-8")
+    (adapters / "evaluation_results.json").write_text(json.dumps({"adapters": {"s2t": {
+        "baseline": {"per_task": {"s2t": {"exact_match": 0.0, "n": 9}}}}}}), "utf-8")
+    distill, outputs = root / "runs" / "distill", root / "outputs"
+    for folder, summary, results in (
+            (distill, {"total_params": 70_000_000, "trainable_params": 2_000_000, "steps": 100,
+                       "seconds_per_step": 1.5, "peak_memory_mb": 3000.0},
+             {"exact_match": 0.25, "test_loss": 2.0, "settings": {"max_samples": 48},
+              "baseline": {"exact_match": 0.0, "test_loss": 6.5}}),
+            (outputs, {"trainable_params": 921_600, "total_params": 135_436_608, "trainable_percent": 0.68},
+             {"exact_match": 0.5, "test_loss": 1.7, "baseline": {}})):
+        folder.mkdir(parents=True)
+        (folder / "train_summary.json").write_text(json.dumps(summary), "utf-8")
+        (folder / "evaluation_results.json").write_text(json.dumps(results), "utf-8")
+    assert mr.main(["--root", str(root)]) == 0
+    guide = (root / "docs" / "guide.md").read_text(encoding="utf-8")
+    task = generated(guide, "task_adapters")
+    assert "| s2t | 9 | 0.667 (s2t) |" in task and "s2t 0.000" in task
+    lines = generated(guide, "distill").splitlines()
+    assert any(line.startswith("| 学生，蒸馏前") and "| 0.000 |" in line and "| 6.500 |" in line for line in lines)
+    assert any(line.startswith("| 学生，蒸馏后") and "| 0.250 |" in line and "| 2.000 |" in line for line in lines)
+    assert any(line.startswith("| 教师") and "| 0.500 |" in line for line in lines)
+    assert "70,000,000" in generated(guide, "distill")
