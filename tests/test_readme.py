@@ -18,6 +18,6 @@ def test_readme_tree_names_existing_files():
     tree = readme.split("## 文件树", 1)[1].split("```")[1]
     for line in tree.splitlines():
         first = line.split()[0] if line.strip() else ""
-        for name in re.findall(r"[\w./]+\.(?:py|yaml|json)|[\w]+/$", first):
+        for name in re.findall(r"[\w./]+\.(?:py|yaml|json)|[\w./]+/$", first):
             candidates = [REPO / name, REPO / "zhlora" / name.split(",")[0]]
             assert any(c.exists() for c in candidates), f"README tree names {name}, which does not exist"

@@ -5,6 +5,7 @@ and the encoded data. Kept apart from train.py so the loop stays one screen.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -41,6 +42,14 @@ def make_accelerator(cfg: Config):
         precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
     if precision == "fp16" and cpu:
         raise ConfigError("training.mixed_precision=fp16: fp16 runs ~100x slower on a CPU; use bf16 or no")
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps one state per process and refuses a second Accelerator with
+        # another mixed precision (a notebook, a test or a sweep that trains twice). One
+        # process alone has nothing to share: start from a fresh state, as accelerate's tests do.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     return Accelerator(cpu=cpu, mixed_precision=precision)
 
 
