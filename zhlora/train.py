@@ -56,13 +56,13 @@ def compute_loss(model, batch: dict, supervised_logits: bool = True) -> tuple[to
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch["labels"][:, 1:]
-    if not supervised_logits:
+    head = unwrap(model).get_output_embeddings() if supervised_logits else None
+    if head is None:  # asked for all positions, or a model without a separate output layer to hook
         logits = model(**inputs, use_cache=False).logits[:, :-1]
         return (F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
                                 reduction="sum"), int((labels != IGNORE_INDEX).sum()))
     keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
     keep[:, :-1] = labels != IGNORE_INDEX
-    head = unwrap(model).get_output_embeddings()
     # The hook hands the head only the kept hidden states (N x hidden, row-major like
     # labels[keep]), so the model returns N x vocab logits. Through the model's own
     # forward, not around it, so DDP and PEFT see a normal call.
