@@ -7,7 +7,9 @@ path that loads "a local folder" is exercised.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,16 @@ def tiny_run_dir(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Path:
     train(load_config(None, tiny_overrides(tiny_model_dir, tiny_data_dir, out, "training.max_steps=30",
                                            "lora.target_modules=all-linear", "training.eval_steps=10")))
     return out
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_make_reports():
+    """scripts/make_reports.py as a module (one copy per session: its parameter counts are cached)."""
+    if "make_reports" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("make_reports", REPO / "scripts" / "make_reports.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["make_reports"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["make_reports"]

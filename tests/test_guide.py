@@ -11,31 +11,20 @@ model, so it is parsed instead: the real argparse parser of its entry point must
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import shlex
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import load_make_reports
 from zhlora.cli import main as zhlora_main
 from zhlora.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = REPO / "docs" / "guide.md"
 PIPELINE_SECTION = "实践步骤"  # the six steps: these commands are run on the tiny model
-
-
-def load_make_reports():
-    """scripts/make_reports.py as a module (one copy per session: its parameter counts are cached)."""
-    if "make_reports" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("make_reports", REPO / "scripts" / "make_reports.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["make_reports"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["make_reports"]
 
 
 def runnable_commands(text: str) -> list[tuple[str, int, list[str]]]:

@@ -2,26 +2,15 @@
 the verdict on each of the guide's claims, and plain "not yet measured" where results are absent."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
+from conftest import load_make_reports
 from zhlora.config import load_config, save_config
 from zhlora.experiment import write_csv
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_make_reports():
-    """scripts/make_reports.py as a module, shared with test_guide.py (its parameter counts are cached)."""
-    if "make_reports" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("make_reports", REPO / "scripts" / "make_reports.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["make_reports"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["make_reports"]
 
 
 mr = load_make_reports()
