@@ -38,7 +38,12 @@ def test_student_learns_from_a_run_folder_teacher(tiny_model_dir, tiny_data_dir,
         tiny_model_dir, tiny_data_dir, out, "model.num_hidden_layers=1", f"training.distill_teacher={tiny_run_dir}",
         f"training.distill_top_k={top_k}", "training.max_steps=6")))
     assert math.isfinite(summary["final_loss"])
-    assert (out / f"teacher_top{top_k}.safetensors").is_file() == (top_k > 0)
+    cache = out / f"teacher_top{top_k}.safetensors"
+    assert cache.is_file() == (top_k > 0)
+    if top_k:  # only the rows 6 steps of batch 4 draw, not all 240 training rows
+        from safetensors.torch import load_file
+
+        assert 0 < len(load_file(str(cache))) // 2 <= 6 * 4
     from zhlora.generation import load_run
 
     student, _, cfg = load_run(out)  # reloads with one layer, as saved in config.yaml
@@ -64,3 +69,44 @@ def test_keep_layers_picks_evenly_spaced_layers(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert keep_layers(model, 2) == [0, 1] and model.config.num_hidden_layers == 2
+
+
+def test_batched_teacher_top_k_equals_one_by_one(tiny_model_dir, tiny_data_dir):
+    from zhlora.config import ModelConfig
+    from zhlora.distill import teacher_top_k
+    from zhlora.models import load_model
+    from zhlora.train_setup import load_split
+
+    model, tok = load_model(ModelConfig(name=str(tiny_model_dir)), torch.device("cpu"))
+    cfg = load_config(None, [f"model.name={tiny_model_dir}"])
+    samples = load_split(tiny_data_dir / "val.json", tok, cfg)[0][:10]
+    ids = list(range(100, 110))
+    batched = teacher_top_k(model, samples, ids, tok.pad_token_id, 5, "cpu", batch_size=4)
+    single = teacher_top_k(model, samples, ids, tok.pad_token_id, 5, "cpu", batch_size=1)
+    assert batched.keys() == single.keys() == {f"{i}.{n}" for i in ids for n in ("values", "indices")}
+    for key in batched:
+        torch.testing.assert_close(batched[key], single[key], rtol=1e-5, atol=1e-5)
+
+
+def test_resume_with_more_steps_tops_up_the_teacher_cache(tiny_model_dir, tiny_data_dir, tiny_run_dir, tmp_path,
+                                                          monkeypatch):
+    import zhlora.distill
+    from safetensors.torch import load_file
+
+    out = tmp_path / "student"
+    base = tiny_overrides(tiny_model_dir, tiny_data_dir, out, f"training.distill_teacher={tiny_run_dir}",
+                          "training.distill_top_k=4", "training.save_steps=2")
+    train(load_config(None, [*base, "training.max_steps=2"]))
+    first = load_file(str(out / "teacher_top4.safetensors"))
+    computed = []
+    real = zhlora.distill.teacher_top_k
+    monkeypatch.setattr(zhlora.distill, "teacher_top_k",
+                        lambda teacher, samples, ids, *a, **k: computed.extend(ids) or real(teacher, samples, ids,
+                                                                                          *a, **k))
+    train(load_config(None, [*base, "training.max_steps=6", "training.resume=true"]))
+    second = load_file(str(out / "teacher_top4.safetensors"))
+    cached_before = {int(key.split(".")[0]) for key in first}
+    assert computed and not cached_before & set(computed)  # only the rows not cached yet
+    assert first.keys() < second.keys()
+    for key in first:  # the cached rows are kept as they were
+        assert torch.equal(first[key], second[key])

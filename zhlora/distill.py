@@ -12,10 +12,11 @@ keeps that term's gradients on the same scale as the cross-entropy (Hinton et al
 
 The teacher is any model source or a run folder (a LoRA or full fine-tune); it must
 share the student's tokenizer, else token i means different things to the two.
-With training.distill_top_k = k > 0 the teacher runs once over the training set
-before training and only its top-k logits per answer token are kept (on disk, in
-the output folder), so the teacher need not stay in memory; the KL is then taken
-over those k tokens with the teacher's probabilities renormalised among them.
+With training.distill_top_k = k > 0 the teacher runs once, before training, over
+the training rows the run will use, and only its top-k logits per answer token are
+kept (on disk, in the output folder), so the teacher need not stay in memory; the
+KL is then taken over those k tokens with the teacher's probabilities renormalised
+among them.
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
+from zhlora.batching import collate_padded
 from zhlora.config import Config, ConfigError
 from zhlora.formatting import IGNORE_INDEX
 
@@ -49,28 +52,27 @@ def distill_loss_sum(student_logits, teacher, labels, alpha: float, temperature:
 class Distiller:
     """Holds the teacher (or its cached top-k logits) and computes the distillation loss."""
 
-    def __init__(self, cfg: Config, student_tokenizer, device, train_samples: list[dict], output_dir: Path):
-        from zhlora.batching import collate_padded
-
+    def __init__(self, cfg: Config, student_tokenizer, device, train_samples: list[dict], cache_path: Path,
+                 needed_ids: set[int]):
         t = cfg.training
         self.alpha, self.temperature, self.device = t.distill_alpha, t.distill_temperature, device
-        self.model = load_teacher(t.distill_teacher, student_tokenizer, device)
-        self.cache = None
-        if t.distill_top_k > 0:
-            path = output_dir / f"teacher_top{t.distill_top_k}.safetensors"
-            if not path.is_file():
-                tensors = {}
-                for i, sample in enumerate(train_samples):
-                    batch = collate_padded([sample], student_tokenizer.pad_token_id)
-                    with torch.no_grad():
-                        logits = self.model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
-                    mask = batch["labels"][:, 1:] != IGNORE_INDEX
-                    values, indices = logits[:, :-1][mask.to(device)].float().topk(t.distill_top_k, dim=-1)
-                    tensors[f"{i}.values"], tensors[f"{i}.indices"] = values.cpu(), indices.cpu()
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_file(tensors, str(path))
-            self.cache = load_file(str(path))
-            self.model = None  # the teacher's job is done: free its memory
+        self.model = self.cache = None
+        if t.distill_top_k <= 0:
+            self.model = load_teacher(t.distill_teacher, student_tokenizer, device)
+            return
+        # Only the rows this run will train on: 100 steps x 8 rows need 800 of 1,800.
+        path = cache_path
+        self.cache = load_file(str(path)) if path.is_file() else {}
+        missing = sorted(i for i in needed_ids if f"{i}.values" not in self.cache)
+        if missing:  # a first run, or a resumed run asked for more steps than were cached
+            teacher = load_teacher(t.distill_teacher, student_tokenizer, device)
+            self.cache.update(teacher_top_k(teacher, [train_samples[i] for i in missing], missing,
+                                            student_tokenizer.pad_token_id, t.distill_top_k, device))
+            del teacher  # the teacher's job is done: free its memory
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            save_file(self.cache, str(tmp))
+            tmp.replace(path)  # a kill while writing leaves the old cache, never half a file
 
     def loss(self, model, batch: dict, sample_ids: list[int]):
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
@@ -81,6 +83,26 @@ class Distiller:
             with torch.no_grad():
                 teacher = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         return distill_loss_sum(logits, teacher, batch["labels"], self.alpha, self.temperature)
+
+
+def teacher_top_k(teacher, samples: list[dict], ids: list[int], pad_id: int, k: int, device,
+                  batch_size: int = 16) -> dict:
+    """{"i.values", "i.indices"}: the teacher's top-k logits at each answer token of sample i."""
+    out = {}
+    # Similar lengths together, so a batch carries little padding; right padding
+    # leaves the logits of the real tokens unchanged.
+    order = sorted(range(len(samples)), key=lambda j: len(samples[j]["input_ids"]))
+    for start in tqdm(range(0, len(order), batch_size), desc=f"teacher top-{k}", unit="batch"):
+        chunk = order[start:start + batch_size]
+        batch = collate_padded([samples[j] for j in chunk], pad_id)
+        with torch.no_grad():
+            logits = teacher(input_ids=batch["input_ids"].to(device),
+                             attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        for row, j in enumerate(chunk):
+            values, indices = logits[row][mask[row].to(device)].float().topk(k, dim=-1)
+            out[f"{ids[j]}.values"], out[f"{ids[j]}.indices"] = values.cpu(), indices.cpu()
+    return out
 
 
 def load_teacher(source: str, student_tokenizer, device):

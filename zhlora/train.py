@@ -150,6 +150,17 @@ def estimate_seconds(run: Run, steps: int) -> float:
     return seconds * steps * run.cfg.training.gradient_accumulation_steps
 
 
+def make_distiller(run: Run, tokenizer, output_dir: Path, steps_left: int, epoch: int, index: int) -> Distiller:
+    """The teacher's cache covers exactly the rows the remaining steps will draw."""
+    stream = batch_stream(run, epoch, index)
+    needed = {i for _ in range(steps_left * run.cfg.training.gradient_accumulation_steps)
+              for i in next(stream)[2]}
+    name = f"teacher_top{run.cfg.training.distill_top_k}"
+    if run.acc.num_processes > 1:  # each process draws its own rows
+        name += f".rank{run.acc.process_index}"
+    return Distiller(run.cfg, tokenizer, run.acc.device, run.train, output_dir / f"{name}.safetensors", needed)
+
+
 class StopFlag:
     """Ctrl-C or SIGTERM asks the loop to stop after the current step and save."""
 
@@ -189,11 +200,8 @@ def train(cfg: Config) -> dict:
     train_set, dropped = load_split(cfg.data.train_file, tokenizer, cfg)
     val_set, _ = load_split(cfg.data.val_file, tokenizer, cfg) if Path(cfg.data.val_file).is_file() else ([], 0)
 
-    distiller = None
-    if cfg.training.distill_teacher:
-        if cfg.training.packing:
-            raise ConfigError("training.distill_teacher: distillation needs training.packing=false")
-        distiller = Distiller(cfg, tokenizer, acc.device, train_set, output_dir)
+    if cfg.training.distill_teacher and cfg.training.packing:
+        raise ConfigError("training.distill_teacher: distillation needs training.packing=false")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
@@ -222,6 +230,10 @@ def train(cfg: Config) -> dict:
         acc.unwrap_model(model).load_state_dict(tensors, strict=False)
         step, epoch, index = state["step"], state["epoch"], state["next_index"]
         acc.print(f"[train] resumed from {resume_from} at step {step}")
+
+    distiller = None
+    if cfg.training.distill_teacher:
+        distiller = make_distiller(run, tokenizer, output_dir, total_steps - step, epoch, index)
 
     tokens_total = sum(len(s["input_ids"]) for s in train_set)
     tokens_sup = sum(sum(l != IGNORE_INDEX for l in s["labels"]) for s in train_set)
