@@ -13,6 +13,8 @@ Two stages, handing over through files:
        runs/<experiment>/<point>/seed*/RUN_FILES            -> data/experiments/<experiment>/<point>/seed*/
        outputs/RUN_FILES, outputs/*.png                     -> data/outputs/
        runs/faq/<case>/RUN_FILES                            -> data/faq/<case>/
+       runs/adapters_eval/{report.md,evaluation_results.json} -> data/advanced/adapters_eval/
+       runs/distill{,_labels_only}/RUN_FILES                -> data/advanced/distill{,_labels_only}/
        bench/results/*.json                                 -> data/bench/
    An absent source leaves its snapshot alone, so a fresh clone may run this script without
    losing the committed numbers; a present source replaces its whole snapshot folder.
@@ -169,9 +171,10 @@ def collect(root: Path) -> list[str]:
     if (adapters / "report.md").is_file():
         copied += _replace(data / "advanced" / "adapters_eval", adapters,
                            [adapters / n for n in ("report.md", "evaluation_results.json") if (adapters / n).is_file()])
-    distill = root / "runs" / "distill"
-    if (distill / "evaluation_results.json").is_file():
-        copied += _replace(data / "advanced" / "distill", distill, _run_files(distill))
+    for name in ("distill", "distill_labels_only"):
+        run = root / "runs" / name
+        if (run / "evaluation_results.json").is_file():
+            copied += _replace(data / "advanced" / name, run, _run_files(run))
     bench = sorted((root / "bench" / "results").glob("*.json"))
     if bench:
         copied += _replace(data / "bench", root / "bench" / "results", bench)
@@ -531,14 +534,14 @@ def section_task_adapters(root: Path, data: Path, link: str) -> str:
     results = read_json(data / "advanced" / "adapters_eval" / "evaluation_results.json") or {}
     base = {name: r.get("baseline", {}).get("per_task", {}) for name, r in results.get("adapters", {}).items()}
     lines = ["每个 adapter 只在它自己的 `data.tasks` 的测试行上评分（`zhlora evaluate --adapters`，贪心解码）；"
-             "合并用 `zhlora merge-adapters --combination_type cat --weights 1,1,1`，即三个更新之和。", "",
+             "两种合并都用 `zhlora merge-adapters --combination_type cat`：`sum` 取 `--weights 1,1,1`，即三个更新之和；"
+             "`mean` 取 `--weights 0.333333,0.333333,0.333333`，即它们的平均。", "",
              report.read_text(encoding="utf-8").strip()]
     tasks = sorted({t for per in base.values() for t in per})
     if tasks:
-        first = next(iter(base.values()))
-        lines += ["", "基座模型（所有 adapter 关闭）在同样的行上：" + "，".join(
-            f"{t} {fmt((next((b[t] for b in base.values() if t in b), first.get(t)) or {}).get('exact_match'))}"
-            for t in tasks) + "。"]
+        row = {t: next(b[t] for b in base.values() if t in b) for t in tasks}
+        lines += ["", "基座模型（所有 adapter 关闭）在同样的行上，精确匹配 / 字符相似度：" + "，".join(
+            f"{t} {fmt(row[t].get('exact_match'))} / {fmt(row[t].get('avg_similarity'))}" for t in tasks) + "。"]
     return "\n".join(lines)
 
 
@@ -547,6 +550,9 @@ def section_distill(root: Path, data: Path, link: str) -> str:
     student = read_json(data / "advanced" / "distill" / "evaluation_results.json")
     teacher = read_json(data / "outputs" / "evaluation_results.json")
     summary = read_json(data / "advanced" / "distill" / "train_summary.json") or {}
+    # The same student trained on the labels alone (training.distill_teacher=): what the teacher adds.
+    labels_only = read_json(data / "advanced" / "distill_labels_only" / "evaluation_results.json")
+    labels_summary = read_json(data / "advanced" / "distill_labels_only" / "train_summary.json")
     if student is None or teacher is None:
         return (f"{NOT_YET} 运行 `python quick_start.py`（教师）、`zhlora distill --config configs/distill.yaml "
                 f"training.distill_teacher=outputs output.dir=runs/distill` 与 `zhlora evaluate --model_path runs/distill`，"
@@ -554,12 +560,24 @@ def section_distill(root: Path, data: Path, link: str) -> str:
     metrics = ("exact_match", "success_rate", "avg_similarity", "rouge_l", "test_loss")
     rows = [["学生，蒸馏前（抽层后的模型，无 adapter）", *(fmt(student.get("baseline", {}).get(m)) for m in metrics)],
             ["学生，蒸馏后", *(fmt(student.get(m)) for m in metrics)],
+            *([["学生，只用标签训练（同样设置，不用教师）", *(fmt(labels_only.get(m)) for m in metrics)]]
+              if labels_only else []),
             ["教师（outputs/，quick_start 微调后的 30 层模型）", *(fmt(teacher.get(m)) for m in metrics)]]
     settings = student.get("settings", {})
     lines = [f"学生：{summary.get('total_params', 0):,} 个参数，其中 LoRA 可训练 {summary.get('trainable_params', 0):,} 个；"
              f"训练 {summary.get('steps')} 步，{fmt(summary.get('seconds_per_step'))} 秒/步，"
-             f"峰值内存 {fmt(summary.get('peak_memory_mb'))} MB。评估：测试集前 {settings.get('max_samples') or '全部'} 条，贪心解码。", "",
+             f"峰值内存 {fmt(summary.get('peak_memory_mb'))} MB"
+             + (f"（只用标签：{fmt(labels_summary.get('seconds_per_step'))} 秒/步，"
+                f"{fmt(labels_summary.get('peak_memory_mb'))} MB）" if labels_summary else "")
+             + f"。评估：测试集前 {settings.get('max_samples') or '全部'} 条，贪心解码。", "",
              *table(["模型", "精确匹配", "成功率", "字符相似度", "ROUGE-L", "测试 loss"], rows)]
+    if labels_only:  # what the teacher added, in words chosen by the numbers
+        better = student["test_loss"] < labels_only["test_loss"]
+        lines += ["", f"同样的学生、同样的步数，蒸馏后的测试 loss 是 {fmt(student['test_loss'])}，只用标签训练是 "
+                  f"{fmt(labels_only['test_loss'])}：这一次教师{'帮了忙' if better else '没有帮上忙'}。"
+                  + ("" if better else "在这么小的规模上这并不意外：学生只剩一半的层，100 步里先要学会回答的格式，"
+                     "而 KL 项占了一半的权重（`training.distill_alpha=0.5`）。可以试更大的 `training.distill_alpha`"
+                     "（更信标签）、更多步数，或与学生差距更小的教师。")]
     return "\n".join(lines)
 
 

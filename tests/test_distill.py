@@ -110,3 +110,21 @@ def test_resume_with_more_steps_tops_up_the_teacher_cache(tiny_model_dir, tiny_d
     assert first.keys() < second.keys()
     for key in first:  # the cached rows are kept as they were
         assert torch.equal(first[key], second[key])
+
+
+def test_overwrite_with_another_teacher_remakes_the_cache(tiny_model_dir, tiny_data_dir, tiny_run_dir, tmp_path,
+                                                          capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "student"
+    base = tiny_overrides(tiny_model_dir, tiny_data_dir, out, "training.distill_top_k=4", "training.max_steps=2",
+                          "output.overwrite=true")
+    train(load_config(None, [*base, f"training.distill_teacher={tiny_run_dir}"]))
+    first = load_file(str(out / "teacher_top4.safetensors"))
+    train(load_config(None, [*base, f"training.distill_teacher={tiny_run_dir}"]))  # same teacher: reused
+    assert "making it again" not in capsys.readouterr().out
+    train(load_config(None, [*base, f"training.distill_teacher={tiny_model_dir}"]))  # the untrained base model
+    assert "was made for another teacher, top-k or data: making it again" in capsys.readouterr().out
+    second = load_file(str(out / "teacher_top4.safetensors"))
+    assert first.keys() == second.keys()
+    assert any(not torch.equal(first[k], second[k]) for k in first if k.endswith(".values"))

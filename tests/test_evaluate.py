@@ -270,3 +270,15 @@ def test_parse_adapters_refusals(values, message):
 def test_adapters_usage_errors(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_table_columns_stay_apart_for_huge_values(capsys):
+    from zhlora.evaluate import print_table
+
+    results = {key: 1.0 for key in DELTA_METRICS}
+    results.update(perplexity=43.56, ci={}, per_task={})
+    results["baseline"] = {**results, "perplexity": 350269.9263}
+    results["delta"] = {"perplexity": -350226.3663}
+    print_table(results)
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("perplexity"))
+    assert row.split() == ["perplexity", "43.5600", "350269.9", "-350226.4"]

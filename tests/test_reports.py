@@ -232,6 +232,8 @@ def test_task_adapter_report_and_distillation(tmp_path):
         "baseline": {"per_task": {"s2t": {"exact_match": 0.0, "n": 9}}}}}}), "utf-8")
     distill, outputs = root / "runs" / "distill", root / "outputs"
     for folder, summary, results in (
+            (root / "runs" / "distill_labels_only", {"seconds_per_step": 1.25, "peak_memory_mb": 2900.0},
+             {"exact_match": 0.125, "test_loss": 2.5, "baseline": {}}),
             (distill, {"total_params": 70_000_000, "trainable_params": 2_000_000, "steps": 100,
                        "seconds_per_step": 1.5, "peak_memory_mb": 3000.0},
              {"exact_match": 0.25, "test_loss": 2.0, "settings": {"max_samples": 48},
@@ -248,5 +250,7 @@ def test_task_adapter_report_and_distillation(tmp_path):
     lines = generated(guide, "distill").splitlines()
     assert any(line.startswith("| 学生，蒸馏前") and "| 0.000 |" in line and "| 6.500 |" in line for line in lines)
     assert any(line.startswith("| 学生，蒸馏后") and "| 0.250 |" in line and "| 2.000 |" in line for line in lines)
+    assert any(line.startswith("| 学生，只用标签") and "| 0.125 |" in line and "| 2.500 |" in line for line in lines)
     assert any(line.startswith("| 教师") and "| 0.500 |" in line for line in lines)
+    assert "只用标签：1.250 秒/步" in generated(guide, "distill")
     assert "70,000,000" in generated(guide, "distill")

@@ -20,10 +20,12 @@ among them.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -61,18 +63,27 @@ class Distiller:
             self.model = load_teacher(t.distill_teacher, student_tokenizer, device)
             return
         # Only the rows this run will train on: 100 steps x 8 rows need 800 of 1,800.
-        path = cache_path
-        self.cache = load_file(str(path)) if path.is_file() else {}
+        # output.overwrite keeps the cache (it costs minutes to make), so it is trusted only
+        # for the same teacher, top-k and training rows.
+        fingerprint = cache_fingerprint(t.distill_teacher, t.distill_top_k, train_samples)
+        self.cache = {}
+        if cache_path.is_file():
+            with safe_open(str(cache_path), "pt") as f:
+                same = (f.metadata() or {}).get("fingerprint") == fingerprint
+            if same:
+                self.cache = load_file(str(cache_path))
+            else:
+                print(f"[distill] {cache_path} was made for another teacher, top-k or data: making it again")
         missing = sorted(i for i in needed_ids if f"{i}.values" not in self.cache)
         if missing:  # a first run, or a resumed run asked for more steps than were cached
             teacher = load_teacher(t.distill_teacher, student_tokenizer, device)
             self.cache.update(teacher_top_k(teacher, [train_samples[i] for i in missing], missing,
                                             student_tokenizer.pad_token_id, t.distill_top_k, device))
             del teacher  # the teacher's job is done: free its memory
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            save_file(self.cache, str(tmp))
-            tmp.replace(path)  # a kill while writing leaves the old cache, never half a file
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_path.with_name(cache_path.name + ".tmp")
+            save_file(self.cache, str(tmp), metadata={"fingerprint": fingerprint})
+            tmp.replace(cache_path)  # a kill while writing leaves the old cache, never half a file
 
     def loss(self, model, batch: dict, sample_ids: list[int]):
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
@@ -83,6 +94,19 @@ class Distiller:
             with torch.no_grad():
                 teacher = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         return distill_loss_sum(logits, teacher, batch["labels"], self.alpha, self.temperature)
+
+
+def cache_fingerprint(teacher: str, top_k: int, train_samples: list[dict]) -> str:
+    """A hash of what the cached logits depend on: the teacher's weights and the training rows."""
+    digest = hashlib.sha256(f"{teacher}|{top_k}".encode())
+    folder = Path(teacher)
+    if folder.is_dir():  # a run or model folder: its weight files as they are now
+        for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+            stat = file.stat()
+            digest.update(f"|{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for sample in train_samples:
+        digest.update(repr((sample["input_ids"], sample["labels"])).encode())
+    return digest.hexdigest()
 
 
 def teacher_top_k(teacher, samples: list[dict], ids: list[int], pad_id: int, k: int, device,

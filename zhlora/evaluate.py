@@ -280,7 +280,9 @@ def _write_atomic(path: Path, text: str) -> None:
 def _cell(value, width: int = 11) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return f"{'-':>{width}}"
-    return f"{value:>{width}.4f}"
+    # Large values (the perplexity of a model that has not learned the format) drop decimals,
+    # and a leading space keeps columns apart whatever the width.
+    return f" {value:>{width - 1}.{4 if abs(value) < 1e4 else 1}f}"
 
 
 def print_table(results: dict) -> None:
