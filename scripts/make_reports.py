@@ -71,7 +71,8 @@ BENCH_COMMANDS = ["python bench/train_throughput.py", "bash bench/peer_llamafact
 # 常见问题: each problem is two runs under runs/faq/ whose commands the guide shows (a test checks
 # that every folder below appears in a command of the guide). Figures come from their RUN_FILES.
 FAQ = [("不收敛：学习率过大", "lr_high", "lr_ok",
-        [("first_loss", "首个训练 loss"), ("final_loss", "最后训练 loss"), ("final_eval_loss", "验证 loss")]),
+        [("first_loss", "首个训练 loss"), ("max_grad_norm", "训练日志中最大的 grad_norm（裁剪前）"),
+         ("final_loss", "最后训练 loss"), ("final_eval_loss", "验证 loss")]),
        ("生成效果差：训练太少", "steps_10", "steps_100",
         [("exact_match", "精确匹配"), ("avg_similarity", "字符相似度"), ("final_loss", "最后训练 loss")]),
        ("内存不足：batch 太大", "mem_batch16", "mem_accum8",
@@ -444,7 +445,9 @@ def faq_figures(folder: Path) -> dict | None:
     losses = [h["loss"] for h in history if "loss" in h]
     summary = read_json(folder / "train_summary.json") or {}
     results = read_json(folder / "evaluation_results.json") or {}
-    figures = {"first_loss": losses[0] if losses else None, **summary, **results}
+    norms = [h["grad_norm"] for h in history if "grad_norm" in h]
+    figures = {"first_loss": losses[0] if losses else None, "max_grad_norm": max(norms, default=None),
+               **summary, **results}
     if not summary:  # stopped early (a NaN loss stops training): say where
         last = max((h.get("step", 0) for h in history), default=0)
         figures["stopped"] = f"第 {last} 步后停止，无 train_summary.json"
