@@ -578,8 +578,8 @@ def section_distill(root: Path, data: Path, link: str) -> str:
         better = student["test_loss"] < labels_only["test_loss"]
         lines += ["", f"同样的学生、同样的步数，蒸馏后的测试 loss 是 {fmt(student['test_loss'])}，只用标签训练是 "
                   f"{fmt(labels_only['test_loss'])}：这一次教师{'帮了忙' if better else '没有帮上忙'}。"
-                  + ("" if better else "在这么小的规模上这并不意外：学生只剩一半的层，100 步里先要学会回答的格式，"
-                     "而 KL 项占了一半的权重（`training.distill_alpha=0.5`）。可以试更大的 `training.distill_alpha`"
+                  + ("" if better else "在这么小的规模上这并不意外：学生比教师小、训练步数少，它先要学会回答的格式，"
+                     "而 KL 项分走了 1 − `training.distill_alpha` 的权重。可以试更大的 `training.distill_alpha`"
                      "（更信标签）、更多步数，或与学生差距更小的教师。")]
     return "\n".join(lines)
 

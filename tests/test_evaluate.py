@@ -169,8 +169,8 @@ def task_runs(tiny_model_dir, tiny_data_dir, tmp_path_factory):
 def test_switching_adapters_changes_logits_and_switching_back_restores_them(task_runs):
     from zhlora.generation import load_adapters
 
-    run_a, run_b = task_runs
-    model, tokenizer, _ = load_adapters([("a", run_a), ("b", run_b)], device="cpu")
+    run_a, run_b = task_runs  # names that are not substrings of "lora_" (PEFT warns about those)
+    model, tokenizer, _ = load_adapters([("num", run_a), ("sort", run_b)], device="cpu")
     ids = tokenizer("请用汉字写出下面这个数：4096", return_tensors="pt").input_ids
 
     def logits(name: str | None):
@@ -181,9 +181,9 @@ def test_switching_adapters_changes_logits_and_switching_back_restores_them(task
             model.set_adapter(name)
             return model(ids).logits
 
-    a, b, base = logits("a"), logits("b"), logits(None)
+    a, b, base = logits("num"), logits("sort"), logits(None)
     assert not torch.allclose(a, b) and not torch.allclose(a, base) and not torch.allclose(b, base)
-    assert torch.equal(logits("a"), a) and torch.equal(logits("b"), b)  # back and forth: bit for bit
+    assert torch.equal(logits("num"), a) and torch.equal(logits("sort"), b)  # back and forth: bit for bit
 
 
 def test_each_adapter_is_scored_on_its_own_tasks(task_runs, tiny_run_dir, tmp_path, capsys):

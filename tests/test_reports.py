@@ -253,4 +253,5 @@ def test_task_adapter_report_and_distillation(tmp_path):
     assert any(line.startswith("| 学生，只用标签") and "| 0.125 |" in line and "| 2.500 |" in line for line in lines)
     assert any(line.startswith("| 教师") and "| 0.500 |" in line for line in lines)
     assert "只用标签：1.250 秒/步" in generated(guide, "distill")
+    assert "这一次教师帮了忙" in generated(guide, "distill")  # 2.000 < 2.500: the words follow the numbers
     assert "70,000,000" in generated(guide, "distill")
