@@ -170,17 +170,23 @@ def _bars(ax, x, tuned, base, tuned_ci, base_ci, label, fmt="{:.1f}") -> None:
     if base is not None:
         groups = [(base, base_ci, BASELINE_COLOR, label("基线", "baseline"), -width / 2),
                   (tuned, tuned_ci, TUNED_COLOR, label("微调后", "fine-tuned"), width / 2)]
+    drawn = []
     for values, cis, color, name, offset in groups:
         heights = np.array([np.nan if v is None else v for v in values], dtype=float)
         errors = np.array([[h - c[0], c[1] - h] if c and not np.isnan(h) else [0.0, 0.0]
                            for h, c in zip(heights, cis)]).T.clip(min=0)
         bars = ax.bar(np.asarray(x) + offset, np.nan_to_num(heights), width, color=color, label=name,
                       yerr=errors if errors.any() else None, capsize=3, error_kw={"linewidth": 1})
-        texts = ["-" if np.isnan(h) else fmt.format(h) for h in heights]
-        if errors.any():  # whiskers cross the bar's top edge: write the value inside the bar
-            ax.bar_label(bars, labels=texts, label_type="center", color="white", fontsize=9)
-        else:
-            ax.bar_label(bars, labels=texts, padding=2, fontsize=9)
+        drawn.append((bars, heights, errors))
+    top = max(float(np.nanmax(np.append(h + e[1], 0.0))) for _, h, e in drawn) or 1.0
+    for bars, heights, errors in drawn:
+        for bar, h, upper in zip(bars, heights, errors[1]):
+            text, middle = "-" if np.isnan(h) else fmt.format(h), bar.get_x() + bar.get_width() / 2
+            if upper > 0 and h >= 0.15 * top:  # the whisker crosses the top edge: write inside the bar
+                ax.text(middle, h / 2, text, ha="center", va="center", color="white", fontsize=9)
+            else:  # a short bar has no room inside: write above its whisker, where nothing is drawn
+                ax.annotate(text, (middle, np.nan_to_num(h) + upper), xytext=(0, 2), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=9)
 
 
 def _values(source: dict | None, names: list[str]) -> list[float | None]:
