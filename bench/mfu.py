@@ -85,7 +85,10 @@ def model_flops(model: str, counts: dict) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--variant", default="fast", choices=["default", "fast"])
+    # fastest = fast + the first two next steps bench/README.md names: frozen weights kept in
+    # bf16 (no per-forward casts) and no LoRA dropout. Written to mfu_fastest.json, so mfu.json
+    # stays the fast variant that train_throughput.py times.
+    parser.add_argument("--variant", default="fast", choices=["default", "fast", "fastest"])
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--trials", type=int, default=5)
@@ -101,9 +104,12 @@ def main(argv=None) -> int:
     data_file = write_subset(args.steps * args.batch_size, args.seed)
     counts = token_counts(data_file, model, args.max_length)
     flops = model_flops(model, counts)
-    extra = ["training.packing=true"] if args.variant == "fast" else []
-    if args.variant == "fast" and args.device == "cpu" and bf16_supported("cpu"):
+    fast = args.variant in ("fast", "fastest")
+    extra = ["training.packing=true"] if fast else []
+    if fast and args.device == "cpu" and bf16_supported("cpu"):
         extra.append("training.mixed_precision=bf16")
+        if args.variant == "fastest":
+            extra += ["model.dtype=bfloat16", "lora.lora_dropout=0"]
     runs = []
     for repeat in range(args.repeats):
         run = run_zhlora(args, model, data_file, f"mfu-{args.variant}-{args.device}-{repeat}", extra)
@@ -113,7 +119,7 @@ def main(argv=None) -> int:
                      "mfu_vs_bf16_peak": achieved / peaks["bf16"], "mixed_precision": run["mixed_precision"]})
         print(f"[bench] run {repeat}: {achieved / 1e9:.1f} GFLOP/s = {100 * runs[-1]['mfu']:.1f}% of {reference} peak")
     median = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "mixed_precision"}
-    write_result(result_name("mfu", args.device), {
+    write_result(result_name("mfu" if args.variant == "fast" else f"mfu_{args.variant}", args.device), {
         "machine": machine(args.device), "peak_flops_per_s": peaks, "reference_peak": reference,
         "matmul_size": args.size, "model": args.model, "variant": args.variant, "zhlora_overrides": extra,
         "data": {"file": data_file.name, **counts}, "flops": flops, "mfu": median["mfu"], "median": median,

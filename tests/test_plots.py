@@ -186,11 +186,13 @@ def test_value_labels_stay_clear_of_error_bars():
     from zhlora.plots import _bars
 
     fig, ax = plt.subplots()
-    # a tall bar (label inside), a short bar with a whisker (label above the whisker), no CI (label on top)
-    _bars(ax, [0, 1, 2], [80.0, 2.0, 50.0], None, [[70.0, 90.0], [0.0, 9.0], None], [None] * 3,
-          lambda zh, en: en)
+    # a tall bar (label inside, under its whisker), a short bar with a whisker and a bar whose whisker
+    # reaches near the bottom (labels above the whisker), a bar without CI (label on top)
+    _bars(ax, [0, 1, 2, 3], [80.0, 2.0, 18.0, 50.0], None, [[70.0, 90.0], [0.0, 9.0], [5.0, 31.0], None],
+          [None] * 4, lambda zh, en: en)
     placed = {t.get_text(): t for t in ax.texts}
-    assert placed["80.0"].get_position()[1] == 40.0 and placed["80.0"].get_color() == "white"
+    assert placed["80.0"].get_position()[1] == 35.0 and placed["80.0"].get_color() == "white"
     assert placed["2.0"].xy[1] == 9.0  # anchored at the whisker's top, not inside the 2-high bar
+    assert placed["18.0"].xy[1] == 31.0  # 0..5 under the whisker is too little room for the text
     assert placed["50.0"].xy[1] == 50.0
     plt.close(fig)

@@ -164,7 +164,7 @@ def plot_history(rows: list[dict], out: Path, label) -> list[Path]:
 
 def _bars(ax, x, tuned, base, tuned_ci, base_ci, label, fmt="{:.1f}") -> None:
     """Baseline bars left of fine-tuned ones (fine-tuned alone when base is None), 95% CI
-    whiskers where a [low, high] is given, and each bar's value written on it."""
+    whiskers where a [low, high] is given, and each bar's value written where no whisker is."""
     width = 0.38
     groups = [(tuned, tuned_ci, TUNED_COLOR, label("微调后", "fine-tuned"), 0.0)]
     if base is not None:
@@ -180,11 +180,12 @@ def _bars(ax, x, tuned, base, tuned_ci, base_ci, label, fmt="{:.1f}") -> None:
         drawn.append((bars, heights, errors))
     top = max(float(np.nanmax(np.append(h + e[1], 0.0))) for _, h, e in drawn) or 1.0
     for bars, heights, errors in drawn:
-        for bar, h, upper in zip(bars, heights, errors[1]):
+        for bar, h, lower, upper in zip(bars, heights, errors[0], errors[1]):
             text, middle = "-" if np.isnan(h) else fmt.format(h), bar.get_x() + bar.get_width() / 2
-            if upper > 0 and h >= 0.15 * top:  # the whisker crosses the top edge: write inside the bar
-                ax.text(middle, h / 2, text, ha="center", va="center", color="white", fontsize=9)
-            else:  # a short bar has no room inside: write above its whisker, where nothing is drawn
+            clear = h - lower  # the whisker runs down the bar's middle to here; below it the bar is free
+            if upper > 0 and clear >= 0.1 * top:  # write inside the bar, under the whisker
+                ax.text(middle, clear / 2, text, ha="center", va="center", color="white", fontsize=9)
+            else:  # no room under the whisker (or no whisker): write above it, where nothing is drawn
                 ax.annotate(text, (middle, np.nan_to_num(h) + upper), xytext=(0, 2), textcoords="offset points",
                             ha="center", va="bottom", fontsize=9)
 
