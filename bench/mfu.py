@@ -107,9 +107,11 @@ def main(argv=None) -> int:
     fast = args.variant in ("fast", "fastest")
     extra = ["training.packing=true"] if fast else []
     if fast and args.device == "cpu" and bf16_supported("cpu"):
-        extra.append("training.mixed_precision=bf16")
-        if args.variant == "fastest":
-            extra += ["model.dtype=bfloat16", "lora.lora_dropout=0"]
+        extra.append("training.mixed_precision=bf16")  # on a GPU the default (auto) is bf16 already
+    if args.variant == "fastest":
+        extra.append("lora.lora_dropout=0")
+        if bf16_supported(args.device):
+            extra.append("model.dtype=bfloat16")
     runs = []
     for repeat in range(args.repeats):
         run = run_zhlora(args, model, data_file, f"mfu-{args.variant}-{args.device}-{repeat}", extra)

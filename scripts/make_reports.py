@@ -34,6 +34,7 @@ import ast
 import csv
 import difflib
 import json
+import math
 import re
 import shutil
 import sys
@@ -537,8 +538,8 @@ def section_task_adapters(root: Path, data: Path, link: str) -> str:
     results = read_json(data / "advanced" / "adapters_eval" / "evaluation_results.json") or {}
     base = {name: r.get("baseline", {}).get("per_task", {}) for name, r in results.get("adapters", {}).items()}
     lines = ["每个 adapter 只在它自己的 `data.tasks` 的测试行上评分（`zhlora evaluate --adapters`，贪心解码）；"
-             "两种合并都用 `zhlora merge-adapters --combination_type cat`：`sum` 取 `--weights 1,1,1`，即三个更新之和；"
-             "`mean` 取 `--weights 0.333333,0.333333,0.333333`，即它们的平均。", "",
+             "合并列由 `zhlora merge-adapters --combination_type cat` 得到，命令与权重见 "
+             "`configs/experiments/task_adapters.yaml` 开头的注释。", "",
              report.read_text(encoding="utf-8").strip()]
     tasks = sorted({t for per in base.values() for t in per})
     if tasks:
@@ -574,10 +575,11 @@ def section_distill(root: Path, data: Path, link: str) -> str:
                 f"{fmt(labels_summary.get('peak_memory_mb'))} MB）" if labels_summary else "")
              + f"。评估：测试集前 {settings.get('max_samples') or '全部'} 条，贪心解码。", "",
              *table(["模型", "精确匹配", "成功率", "字符相似度", "ROUGE-L", "测试 loss"], rows)]
-    if labels_only:  # what the teacher added, in words chosen by the numbers
-        better = student["test_loss"] < labels_only["test_loss"]
-        lines += ["", f"同样的学生、同样的步数，蒸馏后的测试 loss 是 {fmt(student['test_loss'])}，只用标签训练是 "
-                  f"{fmt(labels_only['test_loss'])}：这一次教师{'帮了忙' if better else '没有帮上忙'}。"
+    losses = [number((r or {}).get("test_loss")) for r in (student, labels_only)]
+    if all(x is not None and math.isfinite(x) for x in losses):  # the teacher's effect, in words chosen by the numbers
+        better = losses[0] < losses[1]
+        lines += ["", f"同样的学生、同样的步数，蒸馏后的测试 loss 是 {fmt(losses[0])}，只用标签训练是 "
+                  f"{fmt(losses[1])}：按测试 loss，这一次教师{'帮了忙' if better else '没有帮上忙'}。"
                   + ("" if better else "在这么小的规模上这并不意外：学生比教师小、训练步数少，它先要学会回答的格式，"
                      "而 KL 项分走了 1 − `training.distill_alpha` 的权重。可以试更大的 `training.distill_alpha`"
                      "（更信标签）、更多步数，或与学生差距更小的教师。")]

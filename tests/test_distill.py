@@ -80,12 +80,27 @@ def test_batched_teacher_top_k_equals_one_by_one(tiny_model_dir, tiny_data_dir):
     model, tok = load_model(ModelConfig(name=str(tiny_model_dir)), torch.device("cpu"))
     cfg = load_config(None, [f"model.name={tiny_model_dir}"])
     samples = load_split(tiny_data_dir / "val.json", tok, cfg)[0][:10]
-    ids = list(range(100, 110))
+    ids = list(range(109, 99, -1))  # ids in another order than the samples' lengths
     batched = teacher_top_k(model, samples, ids, tok.pad_token_id, 5, "cpu", batch_size=4)
-    single = teacher_top_k(model, samples, ids, tok.pad_token_id, 5, "cpu", batch_size=1)
-    assert batched.keys() == single.keys() == {f"{i}.{n}" for i in ids for n in ("values", "indices")}
-    for key in batched:
-        torch.testing.assert_close(batched[key], single[key], rtol=1e-5, atol=1e-5)
+    assert batched.keys() == {f"{i}.{n}" for i in ids for n in ("values", "indices")}
+    for i, sample in zip(ids, samples):  # independently: the whole model on one unpadded row
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([sample["input_ids"]])).logits[0, :-1]
+        values, indices = logits[torch.tensor(sample["labels"][1:]) != -100].topk(5, dim=-1)
+        torch.testing.assert_close(batched[f"{i}.values"], values, rtol=1e-5, atol=1e-5)
+        assert torch.equal(batched[f"{i}.indices"], indices)
+
+
+def test_cache_covers_accumulation_and_a_second_epoch(tiny_model_dir, tiny_data_dir, tiny_run_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "student"
+    # 6 steps x 2 micro-batches x 32 rows = 384 draws from ~270 rows: the stream wraps into epoch 2
+    summary = train(load_config(None, tiny_overrides(
+        tiny_model_dir, tiny_data_dir, out, f"training.distill_teacher={tiny_run_dir}", "training.distill_top_k=4",
+        "training.batch_size=32", "training.gradient_accumulation_steps=2", "training.max_steps=6")))
+    assert math.isfinite(summary["final_loss"])
+    assert len(load_file(str(out / "teacher_top4.safetensors"))) // 2 == summary["train_samples"]
 
 
 def test_resume_with_more_steps_tops_up_the_teacher_cache(tiny_model_dir, tiny_data_dir, tiny_run_dir, tmp_path,

@@ -196,3 +196,8 @@ def test_value_labels_stay_clear_of_error_bars():
     assert placed["18.0"].xy[1] == 31.0  # 0..5 under the whisker is too little room for the text
     assert placed["50.0"].xy[1] == 50.0
     plt.close(fig)
+
+    fig, ax = plt.subplots()  # low scores on a fixed 0-105 axis: 0..8 under the whisker is too little room there
+    _bars(ax, [0], [20.0], None, [[8.0, 22.0]], [None], lambda zh, en: en, top=105)
+    assert ax.texts[0].xy[1] == 22.0
+    plt.close(fig)

@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from conftest import load_make_reports
 from zhlora.config import load_config, save_config
 from zhlora.experiment import write_csv
@@ -253,5 +255,22 @@ def test_task_adapter_report_and_distillation(tmp_path):
     assert any(line.startswith("| 学生，只用标签") and "| 0.125 |" in line and "| 2.500 |" in line for line in lines)
     assert any(line.startswith("| 教师") and "| 0.500 |" in line for line in lines)
     assert "只用标签：1.250 秒/步" in generated(guide, "distill")
-    assert "这一次教师帮了忙" in generated(guide, "distill")  # 2.000 < 2.500: the words follow the numbers
+    assert "按测试 loss，这一次教师帮了忙" in generated(guide, "distill")  # 2.000 < 2.500
     assert "70,000,000" in generated(guide, "distill")
+
+
+@pytest.mark.parametrize("labels_only_loss, words", [(1.5, "这一次教师没有帮上忙"), (None, None)])
+def test_distillation_sentence_follows_the_numbers(tmp_path, labels_only_loss, words):
+    root = fake_root(tmp_path)
+    for name, loss in (("runs/distill", 2.0), ("runs/distill_labels_only", labels_only_loss), ("outputs", 1.7)):
+        folder = root / name
+        folder.mkdir(parents=True)
+        summary = {"steps": 10, "trainable_params": 921_600, "total_params": 135_436_608, "trainable_percent": 0.68}
+        (folder / "train_summary.json").write_text(json.dumps(summary), "utf-8")
+        (folder / "evaluation_results.json").write_text(json.dumps({"test_loss": loss, "baseline": {}}), "utf-8")
+    assert mr.main(["--root", str(root)]) == 0  # a labels-only run without a test loss must not stop the report
+    text = generated((root / "docs" / "guide.md").read_text(encoding="utf-8"), "distill")
+    if words:
+        assert words in text
+    else:
+        assert "按测试 loss" not in text and "| 学生，只用标签训练（同样设置，不用教师） | - |" in text

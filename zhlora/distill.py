@@ -32,6 +32,7 @@ from tqdm import tqdm
 from zhlora.batching import collate_padded
 from zhlora.config import Config, ConfigError
 from zhlora.formatting import IGNORE_INDEX
+from zhlora.models import logits_at
 
 
 def distill_loss_sum(student_logits, teacher, labels, alpha: float, temperature: float):
@@ -97,13 +98,24 @@ class Distiller:
 
 
 def cache_fingerprint(teacher: str, top_k: int, train_samples: list[dict]) -> str:
-    """A hash of what the cached logits depend on: the teacher's weights and the training rows."""
-    digest = hashlib.sha256(f"{teacher}|{top_k}".encode())
-    folder = Path(teacher)
-    if folder.is_dir():  # a run or model folder: its weight files as they are now
-        for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+    """A hash of what the cached logits depend on: the teacher's files and the training rows."""
+    digest = hashlib.sha256(f"{top_k}".encode())
+    path = Path(teacher)
+    if path.exists():  # a run or model folder, or a model file: its files as they are now
+        path = path.resolve()
+        patterns = ("*.safetensors", "*.bin", "*.gguf", "config.json", "adapter_config.json", "tokenizer.json",
+                    "config.yaml")  # weights and what says how to read them; not evaluation files
+        files = [path] if path.is_file() else [f for pattern in patterns for f in sorted(path.glob(pattern))]
+        for file in files:
             stat = file.stat()
             digest.update(f"|{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        if (path / "config.yaml").is_file():  # a LoRA run: its base model's files too
+            from zhlora.config import load_config
+            from zhlora.models import resolve_model_path
+
+            base = load_config(path / "config.yaml").model.name
+            digest.update(cache_fingerprint(resolve_model_path(base), top_k, []).encode())
+    digest.update(f"|{path}".encode())  # a hub id or an embedded model name is known by its name
     for sample in train_samples:
         digest.update(repr((sample["input_ids"], sample["labels"])).encode())
     return digest.hexdigest()
@@ -119,13 +131,19 @@ def teacher_top_k(teacher, samples: list[dict], ids: list[int], pad_id: int, k: 
     for start in tqdm(range(0, len(order), batch_size), desc=f"teacher top-{k}", unit="batch"):
         chunk = order[start:start + batch_size]
         batch = collate_padded([samples[j] for j in chunk], pad_id)
+        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        keep[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX  # position t predicts answer token t+1
+        keep = keep.to(device)
         with torch.no_grad():
-            logits = teacher(input_ids=batch["input_ids"].to(device),
-                             attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
-        mask = batch["labels"][:, 1:] != IGNORE_INDEX
-        for row, j in enumerate(chunk):
-            values, indices = logits[row][mask[row].to(device)].float().topk(k, dim=-1)
-            out[f"{ids[j]}.values"], out[f"{ids[j]}.indices"] = values.cpu(), indices.cpu()
+            # The head only at answer positions: (N, vocab), not batch x length x vocab.
+            logits = logits_at(teacher, inputs, keep)
+            if logits is None:
+                logits = teacher(**inputs, use_cache=False).logits[keep]
+        values, indices = logits.float().topk(k, dim=-1)
+        counts = keep.sum(dim=1).tolist()
+        for j, v, i in zip(chunk, values.split(counts), indices.split(counts)):
+            out[f"{ids[j]}.values"], out[f"{ids[j]}.indices"] = v.cpu(), i.cpu()
     return out
 
 

@@ -224,3 +224,29 @@ def keep_layers(model, n: int) -> list[int]:
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[i] for i in kept]
     return kept
+
+
+def unwrap(model):
+    """The model inside DDP (.module) and PEFT (.get_base_model()) wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def logits_at(model, inputs: dict, keep: torch.Tensor) -> torch.Tensor | None:
+    """Logits only at the positions where keep is True: (N, vocab), in row-major order like
+    tensor[keep]. None when the model has no separate output layer to hook (then run it whole).
+
+    The output layer is a vocabulary-sized matmul (21% of SmolLM2's FLOPs) and its
+    batch x length x vocab result is the biggest tensor of a step; training and the
+    distillation teacher need it only at answer positions. A forward pre-hook hands the
+    head only the kept hidden states, through the model's own forward (not around it),
+    so DDP and PEFT see a normal call.
+    """
+    head = unwrap(model).get_output_embeddings()
+    if head is None:
+        return None
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep],))
+    try:
+        return model(**inputs, use_cache=False).logits
+    finally:
+        handle.remove()

@@ -162,7 +162,7 @@ def plot_history(rows: list[dict], out: Path, label) -> list[Path]:
     return written
 
 
-def _bars(ax, x, tuned, base, tuned_ci, base_ci, label, fmt="{:.1f}") -> None:
+def _bars(ax, x, tuned, base, tuned_ci, base_ci, label, fmt="{:.1f}", top: float | None = None) -> None:
     """Baseline bars left of fine-tuned ones (fine-tuned alone when base is None), 95% CI
     whiskers where a [low, high] is given, and each bar's value written where no whisker is."""
     width = 0.38
@@ -178,7 +178,9 @@ def _bars(ax, x, tuned, base, tuned_ci, base_ci, label, fmt="{:.1f}") -> None:
         bars = ax.bar(np.asarray(x) + offset, np.nan_to_num(heights), width, color=color, label=name,
                       yerr=errors if errors.any() else None, capsize=3, error_kw={"linewidth": 1})
         drawn.append((bars, heights, errors))
-    top = max(float(np.nanmax(np.append(h + e[1], 0.0))) for _, h, e in drawn) or 1.0
+    # Room for a label is judged against the axis height: the caller's fixed top (a 0-100 score
+    # axis), else the highest whisker.
+    top = top or max(float(np.nanmax(np.append(h + e[1], 0.0))) for _, h, e in drawn) or 1.0
     for bars, heights, errors in drawn:
         for bar, h, lower, upper in zip(bars, heights, errors[0], errors[1]):
             text, middle = "-" if np.isnan(h) else fmt.format(h), bar.get_x() + bar.get_width() / 2
@@ -210,7 +212,7 @@ def plot_metrics(results: dict, out: Path, label) -> Path:
     grid = fig.add_gridspec(2, max(len(others), 1), height_ratios=[3, 2])
     ax = fig.add_subplot(grid[0, :])
     _bars(ax, range(len(scores)), _values(results, scores), _values(base, scores) if base else None,
-          _cis(results, scores), _cis(base, scores), label)
+          _cis(results, scores), _cis(base, scores), label, top=105)
     ax.set_xticks(range(len(scores)), [label(*SCORES[k], sep="\n") for k in scores])
     ax.set(ylabel=label("得分", "score, 0-100"), ylim=(0, 105))
     ax.grid(axis="y", alpha=0.3)
@@ -244,7 +246,7 @@ def plot_per_task(results: dict, out: Path, label) -> Path | None:
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(tasks) + 2), 5))
     _bars(ax, range(len(tasks)), [100 * tuned[t]["exact_match"] for t in tasks],
           base if any(v is not None for v in base) else None, [None] * len(tasks), [None] * len(tasks), label,
-          fmt="{:.0f}")
+          fmt="{:.0f}", top=110)
     ax.set_xticks(range(len(tasks)), [f"{t}\nn={tuned[t].get('n', '?')}" for t in tasks])
     ax.set(ylim=(0, 110), ylabel=label("精确匹配 %", "exact match, %"),
            title=label("各任务精确匹配", "exact match per task"))

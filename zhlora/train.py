@@ -30,7 +30,7 @@ from zhlora.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from zhlora.config import Config, ConfigError, save_config
 from zhlora.distill import Distiller
 from zhlora.formatting import IGNORE_INDEX
-from zhlora.models import load_model, resolve_model_path
+from zhlora.models import load_model, logits_at, resolve_model_path
 from zhlora.progressive import grow_lora, parse_schedule
 from zhlora.tracking import Tracker, check_report_to
 from zhlora.train_setup import Run, check_output_dir, load_split, make_accelerator, resume_point
@@ -56,29 +56,15 @@ def compute_loss(model, batch: dict, supervised_logits: bool = True) -> tuple[to
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch["labels"][:, 1:]
-    head = unwrap(model).get_output_embeddings() if supervised_logits else None
-    if head is None:  # asked for all positions, or a model without a separate output layer to hook
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = labels != IGNORE_INDEX
+    logits = logits_at(model, inputs, keep) if supervised_logits else None
+    if logits is None:  # asked for all positions, or a model without a separate output layer to hook
         logits = model(**inputs, use_cache=False).logits[:, :-1]
         return (F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
                                 reduction="sum"), int((labels != IGNORE_INDEX).sum()))
-    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
-    keep[:, :-1] = labels != IGNORE_INDEX
-    # The hook hands the head only the kept hidden states (N x hidden, row-major like
-    # labels[keep]), so the model returns N x vocab logits. Through the model's own
-    # forward, not around it, so DDP and PEFT see a normal call.
-    handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep],))
-    try:
-        logits = model(**inputs, use_cache=False).logits
-    finally:
-        handle.remove()
     targets = labels[keep[:, :-1]]
     return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
-
-
-def unwrap(model):
-    """The model inside DDP (.module) and PEFT (.get_base_model()) wrappers."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def batch_stream(run: Run, start_epoch: int, start_index: int):
