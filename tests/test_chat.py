@@ -122,6 +122,7 @@ def test_batch_reports_bad_lines_and_compares(tiny_run_dir, tmp_path, capsys):
     (["--model_path", "no/such/run"], "config.yaml not found"),
     (["--adapters", "math"], "write name=path"),
     (["--adapters", "base=outputs"], "the name base is taken"),
+    (["--adapters", "lora=outputs"], "part of PEFT's parameter prefix 'lora_'"),
     (["--adapters", "math=no/such/folder"], "adapter_config.json not found"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, capsys):

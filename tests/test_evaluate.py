@@ -190,32 +190,32 @@ def test_each_adapter_is_scored_on_its_own_tasks(task_runs, tiny_run_dir, tmp_pa
     from zhlora.evaluate import evaluate_adapters
 
     run_a, run_b = task_runs
-    # "a2" is run_a again: same rows, so its baseline is not scored a second time;
+    # "num2" is run_a again: same rows, so its baseline is not scored a second time;
     # tiny_run_dir (a bare path, named after its folder) was trained on every task
-    adapters = [("a", run_a), ("b", run_b), ("a2", run_a), (tiny_run_dir.name, tiny_run_dir)]
+    adapters = [("num", run_a), ("b", run_b), ("num2", run_a), (tiny_run_dir.name, tiny_run_dir)]
     out = tmp_path / "adapters_eval"
     results = evaluate_adapters(adapters, out, max_new_tokens=8, batch_size=4)
     assert capsys.readouterr().out.count("[evaluate] baseline") == 3
 
     saved = strict_json((out / "evaluation_results.json").read_text("utf-8"))
     assert saved == json.loads(json.dumps(results))
-    assert list(saved["adapters"]) == ["a", "b", "a2", "outputs"]
+    assert list(saved["adapters"]) == ["num", "b", "num2", "outputs"]
     assert saved["base_model"] == str(load_config(run_a / "config.yaml").model.name)
     by_name = saved["adapters"]
-    assert set(by_name["a"]["per_task"]) == set(by_name["a"]["baseline"]["per_task"]) == set(TASKS_A)
+    assert set(by_name["num"]["per_task"]) == set(by_name["num"]["baseline"]["per_task"]) == set(TASKS_A)
     assert set(by_name["b"]["per_task"]) == set(TASKS_B)
-    assert by_name["a"]["tasks"] == TASKS_A and by_name["outputs"]["tasks"] == []
+    assert by_name["num"]["tasks"] == TASKS_A and by_name["outputs"]["tasks"] == []
     assert by_name["outputs"]["num_samples"] == 12  # an empty data.tasks: every test row
     for row in by_name.values():
         assert set(row) >= {"path", "tasks", "test_data", *DELTA_METRICS, "per_task", "baseline", "delta", "config"}
         assert row["config"]["data"]["tasks"] == row["tasks"]
 
     rows = read_predictions(out)
-    assert [r["adapter"] for r in rows] == ["a"] * 2 + ["b"] * 2 + ["a2"] * 2 + ["outputs"] * 12
-    assert all(r["task"] in TASKS_A for r in rows if r["adapter"] == "a")
+    assert [r["adapter"] for r in rows] == ["num"] * 2 + ["b"] * 2 + ["num2"] * 2 + ["outputs"] * 12
+    assert all(r["task"] in TASKS_A for r in rows if r["adapter"] == "num")
     assert all(r["task"] in TASKS_B for r in rows if r["adapter"] == "b")
-    assert [r["prediction"] for r in rows if r["adapter"] == "a"] == [r["prediction"] for r in rows
-                                                                      if r["adapter"] == "a2"]
+    assert [r["prediction"] for r in rows if r["adapter"] == "num"] == [r["prediction"] for r in rows
+                                                                        if r["adapter"] == "num2"]
 
     # switching adapters in one model answers exactly as each run loaded alone
     alone = evaluate_run(copy_run(run_b, tmp_path / "b_alone"), max_new_tokens=8, batch_size=4, baseline=False)
@@ -230,13 +230,13 @@ def test_cli_adapters_repeated_flag_and_bare_paths(task_runs, tmp_path, capsys):
 
     run_a, run_b = task_runs
     out = tmp_path / "out"
-    assert zhlora(["evaluate", "--adapters", f"a={run_a}", "--adapters", str(run_b), "--output_dir", str(out),
+    assert zhlora(["evaluate", "--adapters", f"num={run_a}", "--adapters", str(run_b), "--output_dir", str(out),
                    "--no_baseline", "--max_new_tokens", "4"]) == 0
     printed = capsys.readouterr().out
     assert "exact match by task" in printed and "num2cn, s2t" in printed
     results = strict_json((out / "evaluation_results.json").read_text("utf-8"))
-    assert list(results["adapters"]) == ["a", "run_b"]
-    assert "baseline" not in results["adapters"]["a"]
+    assert list(results["adapters"]) == ["num", "run_b"]
+    assert "baseline" not in results["adapters"]["num"]
     assert not (run_a / "evaluation_results.json").exists()  # the runs themselves stay untouched
 
 
@@ -251,9 +251,9 @@ def test_adapters_on_different_base_models_are_refused(task_runs, tmp_path, caps
     config = other / "config.yaml"
     config.write_text(config.read_text("utf-8").replace(ours, "/models/qwen2.5-0.5b-instruct"), "utf-8")
     with pytest.raises(AdapterError, match="must share one base model") as err:
-        evaluate_adapters([("a", run_a), ("other", other)], tmp_path / "out")
+        evaluate_adapters([("num", run_a), ("other", other)], tmp_path / "out")
     assert ours in str(err.value) and "/models/qwen2.5-0.5b-instruct" in str(err.value)
-    assert zhlora(["evaluate", "--adapters", f"a={run_a},other={other}", "--output_dir", str(tmp_path / "o")]) == 2
+    assert zhlora(["evaluate", "--adapters", f"num={run_a},other={other}", "--output_dir", str(tmp_path / "o")]) == 2
     assert "qwen2.5-0.5b-instruct" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
@@ -261,7 +261,7 @@ def test_adapters_on_different_base_models_are_refused(task_runs, tmp_path, caps
 @pytest.mark.parametrize("values, expected", [
     (["math=runs/math,zh=runs/zh"], [("math", "runs/math"), ("zh", "runs/zh")]),
     (["math=runs/math", "runs/code_zh/"], [("math", "runs/math"), ("code_zh", "runs/code_zh")]),
-    ([" a = x , "], [("a", "x")]),
+    ([" b = x , "], [("b", "x")]),
 ])
 def test_parse_adapters(values, expected):
     from pathlib import Path
@@ -272,8 +272,9 @@ def test_parse_adapters(values, expected):
 
 
 @pytest.mark.parametrize("values, message", [
-    (["a=x,a=y"], "given twice"), (["runs/a,other/a"], "given twice"), (["bad name=x"], "write name=path"),
-    (["a="], "write name=path"), ([","], "no adapter given"),
+    (["b=x,b=y"], "given twice"), (["runs/b,other/b"], "given twice"), (["bad name=x"], "write name=path"),
+    (["b="], "write name=path"), ([","], "no adapter given"),
+    (["a=x"], "part of PEFT's parameter prefix 'lora_'"), (["runs/lora"], "part of PEFT's parameter prefix"),
 ])
 def test_parse_adapters_refusals(values, message):
     from zhlora.evaluate import parse_adapters
@@ -283,9 +284,9 @@ def test_parse_adapters_refusals(values, message):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model_path", "outputs", "--adapters", "a=x"], "not both"),
+    (["--model_path", "outputs", "--adapters", "b=x"], "not both"),
     (["--output_dir", "somewhere"], "--output_dir is for --adapters"),
-    (["--adapters", "a=missing_run"], "config.yaml not found"),
+    (["--adapters", "b=missing_run"], "config.yaml not found"),
 ])
 def test_adapters_usage_errors(argv, message, capsys):
     assert main(argv) == 2

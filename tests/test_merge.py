@@ -1,6 +1,7 @@
 """Merging an adapter into its base gives the adapter's logits; adapters mix by weight."""
 import json
 
+import pytest
 import torch
 
 from zhlora.cli import main as zhlora
@@ -29,7 +30,7 @@ def test_weighted_merge_of_two_adapters(tiny_run_dir, tmp_path):
 
     out = tmp_path / "mixed"
     args = ["merge-adapters", "--model_path", str(tiny_run_dir), "--adapters",
-            f"a={tiny_run_dir},b={tiny_run_dir}", "--weights", "0.5,0.5", "--output", str(out)]
+            f"x={tiny_run_dir},y={tiny_run_dir}", "--weights", "0.5,0.5", "--output", str(out)]
     assert zhlora(args) == 0
     # Half of the same adapter twice, concatenated, is exactly the adapter itself.
     model, tokenizer, cfg = load_run(tiny_run_dir)
@@ -38,3 +39,11 @@ def test_weighted_merge_of_two_adapters(tiny_run_dir, tmp_path):
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         assert torch.allclose(mixed(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("adapters, name", [("lo={run},y={run}", "merged"), ("x={run},y={run}", "a")])
+def test_merge_refuses_names_peft_cannot_load(tiny_run_dir, tmp_path, capsys, adapters, name):
+    out = tmp_path / "mixed"
+    assert zhlora(["merge-adapters", "--model_path", str(tiny_run_dir), "--adapters", adapters.format(run=tiny_run_dir),
+                   "--weights", "0.5,0.5", "--name", name, "--output", str(out)]) == 2
+    assert "part of PEFT's parameter prefix 'lora_'" in capsys.readouterr().err and not out.exists()

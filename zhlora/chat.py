@@ -39,7 +39,7 @@ from zhlora.formatting import TemplateError, encode_prompt
 from zhlora.generation import generate, load_base, load_run, stream
 from zhlora.models import ModelSourceError
 from zhlora.readers import decode, read_jsonl
-from zhlora.safety import check_adapter_folder
+from zhlora.safety import adapter_name_problem, check_adapter_folder
 
 HELP = """命令 (commands):
   /reset                  清空对话历史 (clear the history)
@@ -138,6 +138,8 @@ def parse_adapters(text: str | None) -> list[tuple[str, Path]]:
             raise ChatError(f"--adapters {item}: write name=path, e.g. math=outputs_math")
         if name in ("base", "default") or name in [n for n, _ in pairs]:
             raise ChatError(f"--adapters {item}: the name {name} is taken (base and default are reserved)")
+        if adapter_name_problem(name):
+            raise ChatError(f"--adapters {item}: {adapter_name_problem(name)}")
         if not (Path(path) / "adapter_config.json").is_file():
             raise ChatError(f"--adapters {item}: {path}/adapter_config.json not found; is it a LoRA run folder?")
         pairs.append((name, Path(path)))

@@ -48,6 +48,7 @@ from zhlora.batching import collate_padded
 from zhlora.config import Config, ConfigError, load_config
 from zhlora.formatting import encode_prompt, encode_sample
 from zhlora.generation import generate, load_adapters, load_base, load_run
+from zhlora.safety import adapter_name_problem
 from zhlora.train import compute_loss
 
 RESULTS_FILE, PREDICTIONS_FILE = "evaluation_results.json", "predictions.jsonl"
@@ -184,6 +185,8 @@ def parse_adapters(values: list[str]) -> list[tuple[str, Path]]:
                               "e.g. math=runs/math")
         if name in [n for n, _ in pairs]:
             raise ConfigError(f"--adapters {item}: the name {name} is given twice; write name=path to tell them apart")
+        if adapter_name_problem(name):
+            raise ConfigError(f"--adapters {item}: {adapter_name_problem(name)}")
         pairs.append((name, Path(path)))
     if not pairs:
         raise ConfigError("--adapters: no adapter given; write name=path,name=path")

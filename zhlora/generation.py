@@ -78,6 +78,8 @@ def load_adapters(adapters: list[tuple[str, Path]], device: str | None = None, a
     runs = [(name, Path(path), load_config(Path(path) / "config.yaml")) for name, path in adapters]
     first_name, first_path, first_cfg = runs[0]
     for name, path, cfg in runs:
+        if safety.adapter_name_problem(name):
+            raise safety.AdapterError(f"{name}={path}: {safety.adapter_name_problem(name)}")
         if not (path / "adapter_config.json").is_file():
             raise safety.AdapterError(f"{name}={path}: no adapter_config.json; a LoRA run folder is needed "
                                       "(a full fine-tune is a whole model: evaluate it with --model_path)")

@@ -27,6 +27,7 @@ import torch
 
 from zhlora.formatting import encode_prompt
 from zhlora.generation import load_run
+from zhlora.safety import adapter_name_problem
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 0.5, "float16": 0.5}
 PROMPTS = [{"instruction": "请用汉字写出下面这个数。", "input": "2024"},
@@ -97,6 +98,10 @@ def main_adapters(argv: list[str]) -> int:
     if any(len(p) != 2 for p in pairs) or len(weights) != len(pairs):
         print("zhlora merge-adapters: error: --adapters name=path,... and one --weights value each", file=sys.stderr)
         return 2
+    for name in [n for n, _ in pairs] + [args.name]:
+        if adapter_name_problem(name):
+            print(f"zhlora merge-adapters: error: {adapter_name_problem(name)}", file=sys.stderr)
+            return 2
     model, tokenizer, _ = load_run(args.model_path, device="cpu")
     for name, path in pairs:
         model.load_adapter(path, adapter_name=name)

@@ -40,6 +40,19 @@ class AdapterError(ModelSourceError):
     """An adapter or model folder zhlora will not load; the message says why and what to do."""
 
 
+def adapter_name_problem(name: str) -> str | None:
+    """Why PEFT cannot safely hold an adapter under this name, or None.
+
+    PEFT tells an adapter's weights apart by substrings of their keys; a name that is part of
+    the parameter prefix `lora_` ("a", "lo", "lora", ...) makes it miss them on loading and keep
+    freshly initialised weights instead (huggingface/peft#2252; it only warns).
+    """
+    if name in "lora_":
+        return (f"the adapter name {name!r} is part of PEFT's parameter prefix 'lora_', which makes PEFT "
+                "load fresh weights instead of the saved ones (huggingface/peft#2252); pick another name")
+    return None
+
+
 def check_adapter_folder(path, base_model_config, allow_pickle: bool = False,
                          base_model=None) -> dict[str, tuple[int, ...]]:
     """Refuse an adapter folder that is pickle-based (unless allow_pickle) or does not fit the
