@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from common import (add_common_args, bf16_supported, machine, model_folder, result_name, run_zhlora,
+from common import (add_common_args, bf16_supported, fast_overrides, machine, model_folder, result_name, run_zhlora,
                     token_counts, write_result, write_subset)
 
 LORA_R, LORA_TARGETS = 16, ("q_proj", "v_proj")  # the benchmark's LoRA (zhlora's defaults)
@@ -104,10 +104,7 @@ def main(argv=None) -> int:
     data_file = write_subset(args.steps * args.batch_size, args.seed)
     counts = token_counts(data_file, model, args.max_length)
     flops = model_flops(model, counts)
-    fast = args.variant in ("fast", "fastest")
-    extra = ["training.packing=true"] if fast else []
-    if fast and args.device == "cpu" and bf16_supported("cpu"):
-        extra.append("training.mixed_precision=bf16")  # on a GPU the default (auto) is bf16 already
+    extra = fast_overrides(args.device) if args.variant in ("fast", "fastest") else []
     if args.variant == "fastest":
         extra.append("lora.lora_dropout=0")
         if bf16_supported(args.device):

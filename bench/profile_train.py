@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from common import (RESULTS, WORK, add_common_args, bf16_supported, model_folder, result_name, write_subset,
+from common import (RESULTS, WORK, add_common_args, fast_overrides, model_folder, result_name, write_subset,
                     zhlora_overrides)
 
 
@@ -32,11 +32,7 @@ def main(argv=None) -> int:
 
     model = model_folder(args.model)
     data_file = write_subset(args.steps * args.batch_size, args.seed)
-    extra = []
-    if args.variant == "fast":
-        extra.append("training.packing=true")
-        if args.device == "cpu" and bf16_supported("cpu"):
-            extra.append("training.mixed_precision=bf16")
+    extra = fast_overrides(args.device) if args.variant == "fast" else []
     cfg = load_config(None, [*zhlora_overrides(args, model, data_file, WORK / "runs" / f"profile-{args.variant}"),
                              *extra, *args.overrides])
     activities = [torch.profiler.ProfilerActivity.CPU]

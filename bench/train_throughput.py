@@ -29,7 +29,7 @@ import argparse
 import json
 import sys
 
-from common import (WORK, add_common_args, bf16_supported, figures, machine, median_of, model_folder, result_name,
+from common import (WORK, add_common_args, fast_overrides, figures, machine, median_of, model_folder, result_name,
                     run_measured, run_zhlora, token_counts, write_result, write_subset)
 
 BASELINE = "bench/baselines/hf_trainer_peft.py"
@@ -45,11 +45,8 @@ def run_baseline(args, model: str, data_file, name: str) -> dict:
     return {**measured, **json.loads(result_file.read_text())}
 
 
-def fast_overrides(args) -> list[str]:
-    extra = ["training.packing=true"]
-    if args.device == "cpu" and bf16_supported("cpu"):
-        extra.append("training.mixed_precision=bf16")
-    return extra + list(args.fast_overrides)
+def zhlora_fast_overrides(args) -> list[str]:
+    return fast_overrides(args.device) + list(args.fast_overrides)
 
 
 def main(argv=None) -> int:
@@ -80,7 +77,7 @@ def main(argv=None) -> int:
                     steady.append({"seconds_per_step": later / (run["steps"] - 1),
                                    "supervised_tokens_per_s": sum(run["step_supervised"][1:]) / later})
             else:
-                extra = fast_overrides(args) if variant == "zhlora_fast" else []
+                extra = zhlora_fast_overrides(args) if variant == "zhlora_fast" else []
                 run = run_zhlora(args, model, data_file, name, extra)
                 fig = figures(run, run["supervised"], counts["tokens"])
             fig["final_loss"] = run["final_loss"]
@@ -102,7 +99,7 @@ def main(argv=None) -> int:
         "machine": machine(args.device), "data": {"file": data_file.name, **counts},
         "settings": {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
                      "max_length": args.max_length, "learning_rate": args.learning_rate, "repeats": args.repeats,
-                     "lora": "r16 a32 d0.05 q_proj,v_proj", "zhlora_fast_overrides": fast_overrides(args)},
+                     "lora": "r16 a32 d0.05 q_proj,v_proj", "zhlora_fast_overrides": zhlora_fast_overrides(args)},
         "median": medians, "ratio_to_baseline": ratios, "runs": runs,
         "baseline_steady": median_of(steady) if steady else None})
     return 0
