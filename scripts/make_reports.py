@@ -541,9 +541,12 @@ def section_task_adapters(root: Path, data: Path, link: str) -> str:
              "合并列由 `zhlora merge-adapters --combination_type cat` 得到，命令与权重见 "
              "`configs/experiments/task_adapters.yaml` 开头的注释。", "",
              report.read_text(encoding="utf-8").strip()]
-    tasks = sorted({t for per in base.values() for t in per})
+    row: dict[str, dict] = {}  # task -> the base model's scores, from the first adapter scored on it
+    for per_task in base.values():
+        for task, scores in per_task.items():
+            row.setdefault(task, scores)
+    tasks = sorted(row)
     if tasks:
-        row = {t: next(b[t] for b in base.values() if t in b) for t in tasks}
         lines += ["", "基座模型（所有 adapter 关闭）在同样的行上，精确匹配 / 字符相似度：" + "，".join(
             f"{t} {fmt(row[t].get('exact_match'))} / {fmt(row[t].get('avg_similarity'))}" for t in tasks) + "。"]
     return "\n".join(lines)

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import load_make_reports
 from zhlora.config import load_config, save_config
-from zhlora.experiment import write_csv
+from zhlora.experiment import COSTS, QUALITY, write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 mr = load_make_reports()
 SECTIONS = ["lora_code", "quick_start", "params", "lora_vs_full", "bench", "faq", "experiments", "task_adapters",
             "distill"]
-QUALITY = ["exact_match", "success_rate", "avg_similarity", "rouge_l", "test_loss"]
 
 
 def fake_root(tmp_path: Path) -> Path:
@@ -40,8 +39,7 @@ def row(point: str, grid: dict, quality: dict, **costs) -> dict:
     for name in QUALITY:
         mean, std = quality.get(name, (None, None))
         out[f"{name}_mean"], out[f"{name}_std"] = mean, std
-    for name in ("trainable_params", "seconds_per_step", "supervised_tokens_per_s", "peak_memory_mb",
-                 "adapter_size_mb", "model_size_mb"):
+    for name in COSTS:
         out[name] = costs.get(name)
     return out
 
