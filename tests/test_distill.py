@@ -31,6 +31,27 @@ def test_loss_matches_a_hand_computation():
     assert loss_k.item() == pytest.approx(loss.item(), rel=1e-6)
 
 
+
+def test_answer_rows_loss_equals_the_whole_sequence_loss(tiny_model_dir, tiny_data_dir):
+    from zhlora.batching import collate_padded
+    from zhlora.config import ModelConfig
+    from zhlora.distill import distill_loss_rows
+    from zhlora.models import answer_logits, load_model
+    from zhlora.train_setup import load_split
+
+    model, tok = load_model(ModelConfig(name=str(tiny_model_dir)), torch.device("cpu"))
+    samples = load_split(tiny_data_dir / "val.json", tok, load_config(None, [f"model.name={tiny_model_dir}"]))[0][:4]
+    batch = collate_padded(samples, tok.pad_token_id)
+    teacher = torch.randn(*batch["input_ids"].shape, model.config.vocab_size)
+    with torch.no_grad():
+        whole = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        rows, targets = answer_logits(model, batch)  # the head hooked to the answer positions
+    mask = batch["labels"][:, 1:] != -100
+    full, n = distill_loss_sum(whole, teacher, batch["labels"], 0.3, 2.0)
+    part, m = distill_loss_rows(rows, teacher[:, :-1][mask], targets, 0.3, 2.0)
+    assert n == m == int(mask.sum()) > 0
+    assert part.item() == pytest.approx(full.item(), rel=1e-5)
+
 @pytest.mark.parametrize("top_k", [0, 8])
 def test_student_learns_from_a_run_folder_teacher(tiny_model_dir, tiny_data_dir, tiny_run_dir, tmp_path, top_k):
     out = tmp_path / "student"

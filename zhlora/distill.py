@@ -36,20 +36,29 @@ from zhlora.models import answer_logits
 
 
 def distill_loss_sum(student_logits, teacher, labels, alpha: float, temperature: float):
-    """(summed loss over supervised tokens, their count); teacher = full logits or (values, indices)."""
+    """(summed loss over supervised tokens, their count) from whole-sequence logits [batch, length,
+    vocab]; teacher = its whole-sequence logits, or (values, indices) [n, k] at the n answer tokens."""
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
-    student = student_logits[:, :-1][mask].float()  # [n, vocab], the answer positions only
-    ce_sum = F.cross_entropy(student, labels[mask], reduction="sum")
+    if not isinstance(teacher, tuple):
+        teacher = teacher[:, :-1][mask]
+    return distill_loss_rows(student_logits[:, :-1][mask], teacher, labels[mask], alpha, temperature)
+
+
+def distill_loss_rows(student, teacher, targets, alpha: float, temperature: float):
+    """The same from the answer positions only (what models.answer_logits returns): student
+    [n, vocab], teacher [n, vocab] or (values, indices) [n, k], targets [n]."""
+    student = student.float()
+    ce_sum = F.cross_entropy(student, targets, reduction="sum")
     log_s = F.log_softmax(student / temperature, dim=-1)
     if isinstance(teacher, tuple):  # cached top-k: (values [n, k], indices [n, k])
         values, indices = teacher
         log_t = F.log_softmax(values.float() / temperature, dim=-1)
         log_s = log_s.gather(-1, indices)
     else:
-        log_t = F.log_softmax(teacher[:, :-1][mask].float() / temperature, dim=-1)
+        log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
     kl_sum = (log_t.exp() * (log_t - log_s)).sum()
-    return alpha * ce_sum + (1 - alpha) * temperature ** 2 * kl_sum, int(mask.sum())
+    return alpha * ce_sum + (1 - alpha) * temperature ** 2 * kl_sum, int(targets.numel())
 
 
 class Distiller:
@@ -59,6 +68,7 @@ class Distiller:
                  needed_ids: set[int]):
         t = cfg.training
         self.alpha, self.temperature, self.device = t.distill_alpha, t.distill_temperature, device
+        self.head_only = t.supervised_logits
         self.model = self.cache = None
         if t.distill_top_k <= 0:
             self.model = load_teacher(t.distill_teacher, student_tokenizer, device)
@@ -87,14 +97,15 @@ class Distiller:
             tmp.replace(cache_path)  # a kill while writing leaves the old cache, never half a file
 
     def loss(self, model, batch: dict, sample_ids: list[int]):
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        # Student and teacher only at the answer positions, as compute_loss does.
+        student, targets = answer_logits(model, batch, self.head_only)
         if self.cache is not None:
-            teacher = (torch.cat([self.cache[f"{i}.values"] for i in sample_ids]).to(logits.device),
-                       torch.cat([self.cache[f"{i}.indices"] for i in sample_ids]).to(logits.device))
+            teacher = (torch.cat([self.cache[f"{i}.values"] for i in sample_ids]).to(student.device),
+                       torch.cat([self.cache[f"{i}.indices"] for i in sample_ids]).to(student.device))
         else:
             with torch.no_grad():
-                teacher = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        return distill_loss_sum(logits, teacher, batch["labels"], self.alpha, self.temperature)
+                teacher, _ = answer_logits(self.model, batch)
+        return distill_loss_rows(student, teacher, targets, self.alpha, self.temperature)
 
 
 def cache_fingerprint(teacher: str, top_k: int, train_samples: list[dict]) -> str:
