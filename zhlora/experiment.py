@@ -62,6 +62,7 @@ import yaml
 
 from zhlora.config import Config, ConfigError, config_from_dict, load_config, save_config
 from zhlora.train import TrainingError, train
+from zhlora.train_setup import reset_accelerate_state
 
 TRAIN_SAMPLES = "train_samples"  # the grid key the experiment itself handles
 QUALITY = ["exact_match", "success_rate", "avg_similarity", "rouge_l", "test_loss"]  # mean and std over seeds
@@ -238,12 +239,8 @@ def zero_step_run(cfg: Config, folder: Path) -> None:
 def reset_between_runs() -> None:
     """Make one process look fresh to the next train(): accelerate's state and the peak-memory marks."""
     import torch
-    from accelerate.state import AcceleratorState, GradientState
 
-    # accelerate keeps one state per process and refuses a new Accelerator with another
-    # mixed precision; clear it between runs, as accelerate's own test cases do.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     gc.collect()  # the last run's model, before the memory marks restart
     # train.py reports a high-water mark of the process; from here on it is this run's.
     if torch.cuda.is_available():

@@ -43,14 +43,19 @@ def make_accelerator(cfg: Config):
     if precision == "fp16" and cpu:
         raise ConfigError("training.mixed_precision=fp16: fp16 runs ~100x slower on a CPU; use bf16 or no")
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # accelerate keeps one state per process and refuses a second Accelerator with
-        # another mixed precision (a notebook, a test or a sweep that trains twice). One
-        # process alone has nothing to share: start from a fresh state, as accelerate's tests do.
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        # A notebook, a test or a sweep may train twice in one process; one process alone
+        # has nothing to share, so it starts from a fresh state.
+        reset_accelerate_state()
     return Accelerator(cpu=cpu, mixed_precision=precision)
+
+
+def reset_accelerate_state() -> None:
+    """accelerate keeps one state per process and refuses a second Accelerator with another
+    mixed precision: clear it, as accelerate's own test cases do."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def load_split(path: str, tokenizer, cfg: Config) -> tuple[list[dict], int]:
