@@ -4,11 +4,18 @@
 
 This file is the table of contents: each stage below is one guide step, run through
 the same command a learner would type, handing over through files on disk.
-  第二步 data      python data/prepare_data.py              -> data/*.json
-  第三步 train     python training/train.py --config configs/quick_start.yaml -> outputs/
-  第四步 evaluate  python training/evaluate.py --model_path outputs -> outputs/evaluation_results.json
-  第五步 plot      python visualization/plot_results.py     -> outputs/*.png
-  第六步 demo      python examples/demo.py --mode batch ...  -> outputs/demo_responses.jsonl
+  第二步 data      python data/prepare_data.py --config configs/quick_start.yaml -> data/*.json
+  第三步 train     python training/train.py --config configs/quick_start.yaml    -> outputs/
+  第四步 evaluate  python training/evaluate.py --model_path outputs ...          -> outputs/evaluation_results.json
+  第五步 plot      python visualization/plot_results.py                          -> outputs/*.png
+  第六步 demo      python examples/demo.py --model_path outputs --mode batch     -> outputs/demo_heldout.jsonl
+It ends with what fine-tuning changed: exact match per task on about 300 held-out rows
+(base model -> LoRA), three answers side by side, and the time each stage took (also
+written to outputs/quick_start_timing.json).
+
+Data is made again whenever data/data_settings.json does not match this config (another
+--num_samples from step 2, other tasks), and the reason is printed: training never reads
+rows other than the ones this config asks for.
 """
 from __future__ import annotations
 
@@ -17,62 +24,98 @@ import sys
 import time
 from pathlib import Path
 
+from zhlora import metrics
 from zhlora.cli import main as zhlora
 from zhlora.config import load_config
+from zhlora.prepare import settings_changes
 
 CONFIG = "configs/quick_start.yaml"
-DEMO_QUESTIONS = [
-    {"instruction": "请用汉字写出下面这个数。", "input": "4096"},
-    {"instruction": "把下面的句子转换成繁体中文。", "input": "我们今天去公园散步。"},
-    {"instruction": "用一句话介绍一下长城。", "input": ""},
-]
+# Every test row is scored by teacher forcing (one forward pass each); these many are also
+# generated for the examples, similarity and ROUGE (plus every self_cognition row).
+GENERATE_SAMPLES = 40
+EXAMPLE_TASKS = ("num2cn", "cn2num", "self_cognition")
 
 
-def stage(title: str, argv: list[str]) -> None:
+def stage(title: str, argv: list[str], timing: dict) -> None:
     print(f"\n===== {title}: zhlora {' '.join(argv)} =====", flush=True)
     began = time.perf_counter()
     status = zhlora(argv)
     if status != 0:
         raise SystemExit(f"quick_start: stage '{title}' failed with status {status}")
-    print(f"===== {title}: {time.perf_counter() - began:.0f} s =====", flush=True)
+    timing[title.split()[-1]] = round(time.perf_counter() - began, 1)
+    print(f"===== {title}: {timing[title.split()[-1]]:.0f} s =====", flush=True)
 
 
 def main(argv: list[str]) -> int:
     overrides = list(argv)
     cfg = load_config(CONFIG, overrides)
-    out = Path(cfg.output.dir)
-    began = time.perf_counter()
-    if not Path(cfg.data.train_file).is_file():
-        stage("第二步 prepare data", ["prepare", "--config", CONFIG, *overrides])
-    stage("第三步 train", ["train", "--config", CONFIG, *overrides])
-    stage("第四步 evaluate", ["evaluate", "--model_path", str(out), "--max_samples", "48",
-                             "--max_new_tokens", "48", "--batch_size", "16"])
-    stage("第五步 plot", ["plot", "--output_dir", str(out)])
-    questions = out / "demo_questions.jsonl"
-    questions.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in DEMO_QUESTIONS), "utf-8")
-    answers = out / "demo_responses.jsonl"
-    stage("第六步 demo", ["demo", "--model_path", str(out), "--mode", "batch", "--compare",
-                         "--input", str(questions), "--output", str(answers), "--max_new_tokens", "48"])
+    out, data_dir = Path(cfg.output.dir), Path(cfg.data.train_file).parent
+    began, timing = time.perf_counter(), {}
+    changes = settings_changes(cfg, [], data_dir)
+    if changes:
+        print(f"[quick_start] making {data_dir}/ for this config: " + "; ".join(changes))
+        stage("第二步 prepare", ["prepare", "--config", CONFIG, "--output_dir", str(data_dir), *overrides], timing)
+    else:
+        print(f"[quick_start] {data_dir}/ was made with this config's data settings: reusing it")
+        timing["prepare"] = 0.0
+    stage("第三步 train", ["train", "--config", CONFIG, *overrides], timing)
+    stage("第四步 evaluate", ["evaluate", "--model_path", str(out), "--generate_samples", str(GENERATE_SAMPLES),
+                             "--max_new_tokens", "48", "--batch_size", "32"], timing)
+    stage("第五步 plot", ["plot", "--output_dir", str(out)], timing)
+    stage("第六步 demo", ["demo", "--model_path", str(out), "--mode", "batch"], timing)
+    timing["total"] = round(time.perf_counter() - began, 1)
+    (out / "quick_start_timing.json").write_text(json.dumps(timing, indent=1) + "\n", "utf-8")
+    report(out, data_dir, timing)
+    return 0
 
+
+def report(out: Path, data_dir: Path, timing: dict) -> None:
+    """What a learner should see: the time, what changed per task, and answers side by side."""
     train = json.loads((out / "train_summary.json").read_text("utf-8"))
     results = json.loads((out / "evaluation_results.json").read_text("utf-8"))
-    print(f"\n===== quick start finished in {(time.perf_counter() - began) / 60:.1f} min =====")
+    parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timing.items() if name != "total")
+    print(f"\n===== quick start finished in {timing['total'] / 60:.1f} min ({parts}) =====")
     print(f"trainable params  {train['trainable_params']:,} / {train['total_params']:,} "
           f"({train['trainable_percent']:.2f}%)")
     print(f"training          {train['steps']} steps, {train['seconds_per_step']:.2f} s/step, "
           f"loss {first_loss(out):.3f} -> {train['final_loss']:.3f}, peak memory {train['peak_memory_mb']:.0f} MB")
-    base = results.get("baseline", {})
-    for key in ("exact_match", "success_rate", "avg_similarity", "rouge_l"):
-        print(f"{key:<17} fine-tuned {results[key]:.3f}   base model {base.get(key, float('nan')):.3f}")
-    for row in map(json.loads, answers.read_text("utf-8").splitlines()):
-        print(f"Q: {row['instruction']} {row.get('input', '')}\n   base: {row.get('base_response', '')}\n"
-              f"   LoRA: {row['response']}")
+    print_task_table(results)
+    print_examples(out)
     print("\nartifacts:")
-    for path in [Path(cfg.data.train_file).parent / "chinese_instructions.json", out / "adapter_model.safetensors",
+    for path in [data_dir / "chinese_instructions.json", out / "adapter_model.safetensors",
                  out / "training_history.jsonl", out / "train_summary.json", out / "evaluation_results.json",
-                 out / "predictions.jsonl", *sorted(out.glob("*.png")), answers]:
+                 out / "predictions.jsonl", *sorted(out.glob("*.png")), out / "demo_heldout.jsonl",
+                 out / "quick_start_timing.json"]:
         print(f"  {path}")
-    return 0
+
+
+def print_task_table(results: dict) -> None:
+    """Held-out exact match per task, base model -> LoRA, with the LoRA side's 95% interval."""
+    base = results["baseline"]
+    print(f"\n{'held-out exact match':<22}{'n':>5}{'base':>8}{'LoRA':>8}   95% CI (LoRA)")
+    for task, row in results["per_task"].items():
+        if "exact_match" not in row:
+            continue
+        lo, hi = row["exact_match_ci"]
+        apart = "   (scored apart: names 小知 and zhlora)" if task in metrics.SCORED_APART else ""
+        print(f"{task:<22}{row['n']:>5}{base['per_task'][task]['exact_match']:>8.2f}{row['exact_match']:>8.2f}"
+              f"   [{lo:.2f}, {hi:.2f}]{apart}")
+    lo, hi = results["delta_ci"]["exact_match"]
+    print(f"{'all but scored apart':<22}{'':>5}{base['exact_match']:>8.2f}{results['exact_match']:>8.2f}"
+          f"   difference {results['delta']['exact_match']:+.2f}, 95% CI [{lo:+.2f}, {hi:+.2f}] (paired by row)")
+    for key in ("success_rate", "avg_similarity", "test_loss"):
+        print(f"{metrics.metric_label(key):<42} base {base[key]:.3f}   LoRA {results[key]:.3f}")
+
+
+def print_examples(out: Path) -> None:
+    """One generated answer of each EXAMPLE_TASKS task: question, reference, base, LoRA."""
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text("utf-8").splitlines()]
+    for task in EXAMPLE_TASKS:
+        row = next((r for r in rows if r["task"] == task and r["prediction"] is not None), None)
+        if row:
+            print(f"\nQ: {row['instruction']} {row['input']}".rstrip())
+            print(f"   reference: {row['reference']}\n   base:      {row['baseline_prediction']}\n"
+                  f"   LoRA:      {row['prediction']}")
 
 
 def first_loss(out: Path) -> float:

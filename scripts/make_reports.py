@@ -11,7 +11,8 @@ Two stages, handing over through files:
    which git keeps:
        runs/<experiment>/results.csv, results.md, *.png     -> data/experiments/<experiment>/
        runs/<experiment>/<point>/seed*/RUN_FILES            -> data/experiments/<experiment>/<point>/seed*/
-       outputs/RUN_FILES, outputs/*.png                     -> data/outputs/
+       outputs/RUN_FILES, QUICK_START_EXTRA, outputs/*.png  -> data/outputs/
+       runs/default_run/RUN_FILES                           -> data/default_run/
        runs/faq/<case>/RUN_FILES                            -> data/faq/<case>/
        runs/adapters_eval/{report.md,evaluation_results.json} -> data/advanced/adapters_eval/
        runs/distill{,_labels_only}/RUN_FILES                -> data/advanced/distill{,_labels_only}/
@@ -40,6 +41,8 @@ import shutil
 import sys
 from functools import lru_cache
 from pathlib import Path
+
+from zhlora.metrics import SCORED_APART, metric_label
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE, REPORT, SNAPSHOT = Path("docs/guide.md"), Path("docs/results/performance.md"), Path("docs/results/data")
@@ -166,7 +169,11 @@ def collect(root: Path) -> list[str]:
         copied += _replace(data / "experiments" / exp.name, exp, files)
     outputs = root / "outputs"
     if (outputs / "train_summary.json").is_file():
-        copied += _replace(data / "outputs", outputs, _run_files(outputs) + sorted(outputs.glob("*.png")))
+        extra = [outputs / name for name in QUICK_START_EXTRA if (outputs / name).is_file()]
+        copied += _replace(data / "outputs", outputs, _run_files(outputs) + extra + sorted(outputs.glob("*.png")))
+    default_run = root / "runs" / "default_run"
+    if (default_run / "evaluation_results.json").is_file():
+        copied += _replace(data / "default_run", default_run, _run_files(default_run))
     for case in sorted((root / "runs" / "faq").glob("*/training_history.jsonl")):
         copied += _replace(data / "faq" / case.parent.name, case.parent, _run_files(case.parent))
     adapters = root / "runs" / "adapters_eval"
@@ -406,35 +413,147 @@ def _flatten(value: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+QUICK_START_EXTRA = ("demo_heldout.jsonl", "quick_start_timing.json")  # outputs/ files beyond RUN_FILES
+STAGES = [("prepare", "第二步 数据"), ("train", "第三步 训练"), ("evaluate", "第四步 评估"), ("plot", "第五步 画图"),
+          ("demo", "第六步 演示")]
+# The metrics the quick-start section shows, each defined once, in Chinese, for a learner.
+DEFINED = [("exact_match", "精确匹配：答案与参考答案完全一致（按任务规范化，例如去掉句末句号）的比例。"
+                           "有唯一正确答案的任务用教师强制判定：把参考答案接在问题后面做一次前向计算，"
+                           "若每个参考 token 和其后的结束符都是模型概率最高的那个，贪心解码就一定逐字写出它。"
+                           "“自我认知”（self_cognition）不求一字不差，回答里同时说出名字“小知”和“zhlora”就算对，"
+                           "它单独列出，不计入平均。"),
+           ("success_rate", "作答并停止：回答非空、并在 max_new_tokens 之内输出了结束符的比例。它只说明模型学会了“答完就停”，"
+                            "不说明答得对。"),
+           ("avg_similarity", "字符相似度：difflib 按字符比较回答与参考答案，0 到 1，只在真正生成的行上计算。"),
+           ("test_loss", "测试损失：测试集答案 token 上的平均交叉熵，越低说明模型给参考答案的概率越高。")]
+
+
 def section_quick_start(root: Path, data: Path, link: str) -> str:
     folder = data / "outputs"
     summary, results = read_json(folder / "train_summary.json"), read_json(folder / "evaluation_results.json")
     if summary is None:
         return f"{NOT_YET} 运行 `python quick_start.py`，" + REGENERATE
+    timing = read_json(folder / "quick_start_timing.json") or {}
     lines = [f"`outputs/` 中的一次运行（模型 `{summary.get('model')}`，设备 `{summary.get('device')}`，"
-             f"混合精度 `{summary.get('mixed_precision')}`）：", "",
-             *table(["训练", "数值"], [
-                 ["可训练参数", f"{summary['trainable_params']:,} / {summary['total_params']:,} "
-                               f"（{summary['trainable_percent']:.2f}%）"],
-                 ["步数", str(summary.get("steps"))], ["秒/步", fmt(summary.get("seconds_per_step"))],
-                 ["有监督 token/s", fmt(summary.get("supervised_tokens_per_s"), 1)],
-                 ["最后训练 loss / 验证 loss", f"{fmt(summary.get('final_loss'))} / {fmt(summary.get('final_eval_loss'))}"],
-                 ["峰值内存 MB", f"{fmt(summary.get('peak_memory_mb'))}（{summary.get('peak_memory_kind', '')}）"],
-                 ["adapter 大小 MB", fmt(summary.get("adapter_size_mb") or summary.get("model_size_mb"))]]), ""]
+             f"混合精度 `{summary.get('mixed_precision')}`）：", ""]
+    if timing:
+        lines += [f"总用时 {timing['total'] / 60:.1f} 分钟：" + "，".join(
+            f"{zh} {timing[key]:.0f} 秒" for key, zh in STAGES if key in timing) + "。", ""]
+    lines += [*table(["训练", "数值"], [
+        ["可训练参数", f"{summary['trainable_params']:,} / {summary['total_params']:,} "
+                      f"（{summary['trainable_percent']:.2f}%）"],
+        ["步数", str(summary.get("steps"))], ["秒/步", fmt(summary.get("seconds_per_step"))],
+        ["最后训练 loss / 验证 loss", f"{fmt(summary.get('final_loss'))} / {fmt(summary.get('final_eval_loss'))}"],
+        ["峰值内存 MB", f"{fmt(summary.get('peak_memory_mb'))}（{summary.get('peak_memory_kind', '')}）"],
+        ["adapter 大小 MB", fmt(summary.get("adapter_size_mb") or summary.get("model_size_mb"))]]), ""]
     if results is None:
         lines.append(f"评估：{NOT_YET} 运行 `python training/evaluate.py --model_path outputs`，" + REGENERATE)
     else:
-        base = results.get("baseline", {})
-        settings = results.get("settings", {})
-        lines += [f"评估：测试集前 {settings.get('max_samples') or '全部'} 条，贪心解码，"
-                  f"max_new_tokens {settings.get('max_new_tokens')}。", "",
-                  *table(["指标", "微调后", "基座模型", "差"],
-                         [[k, fmt(results.get(k)), fmt(base.get(k)),
-                           "-" if results.get(k) is None or base.get(k) is None else f"{results[k] - base[k]:+.3f}"]
-                          for k in ("exact_match", "success_rate", "avg_similarity", "rouge_l", "test_loss")
-                          if k in results])]
+        lines += quick_start_results(results)
+    lines += demo_examples(folder / "demo_heldout.jsonl")
     lines += ["", *(f"![{p.stem}]({link}/outputs/{p.name})" for p in sorted(folder.glob("*.png")))]
     return "\n".join(lines).rstrip()
+
+
+def quick_start_results(results: dict) -> list[str]:
+    """The per-task table (base -> LoRA), the headline metrics with paired intervals, the definitions."""
+    base, agree = results.get("baseline", {}), results.get("forced_vs_generated", {})
+    rows = []
+    for task, row in results.get("per_task", {}).items():
+        if "exact_match" not in row:
+            continue
+        name = f"{task}（单独计分）" if task in SCORED_APART else task
+        rows.append([name, str(row["n"]), fmt(base.get("per_task", {}).get(task, {}).get("exact_match")),
+                     fmt(row["exact_match"]), _plain_interval(row.get("exact_match_ci"))])
+    lines = [f"评估：测试集全部 {results.get('num_samples')} 条留出行（训练从未见过这些问题），每行都用教师强制判定精确匹配；"
+             f"其中 {results.get('num_generated')} 行真的贪心生成（max_new_tokens "
+             f"{results.get('settings', {}).get('max_new_tokens')}），用于示例、相似度和“作答并停止”。", "",
+             *table(["任务", "行数", "微调前（基座）", "微调后（LoRA）", "微调后的 95% 区间"], rows), ""]
+    if agree.get("rows"):
+        lines += [f"教师强制与真实生成的一致性：在同时生成了的 {agree['rows']} 行上，两种判定有 {agree['agree']} 行一致。", ""]
+    lines += table(["指标", "微调前（基座）", "微调后（LoRA）", "差", "差的 95% 区间（逐行配对）"],
+                   [[metric_label(k), fmt(base.get(k)), fmt(results.get(k)),
+                     "-" if results.get(k) is None or base.get(k) is None else f"{results[k] - base[k]:+.3f}",
+                     _interval((results.get("delta_ci") or {}).get(k))]
+                    for k, _ in DEFINED if k in results])
+    return [*lines, "", *(f"- **{metric_label(k)}**：{text}" for k, text in DEFINED)]
+
+
+def demo_examples(path: Path, per_task: int = 1) -> list[str]:
+    """Held-out questions (phrasings training never used) answered before and after fine-tuning."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    tally = [[t, str(sum(r["task"] == t for r in rows)), str(sum(r["base_correct"] for r in rows if r["task"] == t)),
+              str(sum(r["correct"] for r in rows if r["task"] == t))] for t in tasks]
+    shown = [r for t in tasks for r in [r for r in rows if r["task"] == t][:per_task]]
+    lines = ["", "`python examples/demo.py --model_path outputs --mode batch` 用训练时从未出现过的问法提问"
+                 "（`zhlora/resources/heldout_phrasings_zh.json`），微调前后各答一遍：", "",
+             *table(["任务", "题数", "微调前答对", "微调后答对"], tally), "",
+             *table(["问题", "参考答案", "微调前（基座）", "微调后（LoRA）"],
+                    [[_cell_text(f"{r['instruction']} {r['input']}".strip()), _cell_text(r["output"]),
+                      _cell_text(r["base_response"]), _cell_text(r["response"])] for r in shown])]
+    return lines
+
+
+def _cell_text(text: str, limit: int = 60) -> str:
+    """One table cell: no line breaks or pipes, long answers cut with an ellipsis."""
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _plain_interval(ci: list[float] | None) -> str:
+    return "-" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def section_default_run(root: Path, data: Path, link: str) -> str:
+    """The guide's main path (configs/default.yaml), run once as the guide writes it."""
+    folder = data / "default_run"
+    summary, results = read_json(folder / "train_summary.json"), read_json(folder / "evaluation_results.json")
+    if summary is None or results is None:
+        return (f"{NOT_YET} 按第二到第四步运行（`python data/prepare_data.py`、`python training/train.py`、"
+                "`python training/evaluate.py --model_path outputs`），把 `outputs/` 复制到 `runs/default_run/`，" + REGENERATE)
+    cfg = read_yaml(folder / "config.yaml") or {}
+    training = cfg.get("training", {})
+    minutes = (summary["wall_seconds"] + results.get("seconds", 0)) / 60
+    rows = [[task, str(row["n"]), fmt(results["baseline"]["per_task"][task].get("exact_match")), fmt(row["exact_match"]),
+             _plain_interval(row.get("exact_match_ci"))]
+            for task, row in results["per_task"].items() if "exact_match" in row]
+    return "\n".join([
+        f"`configs/default.yaml`（{training.get('num_epochs')} 个 epoch，batch {training.get('batch_size')}，"
+        f"学习率 {training.get('learning_rate')}，`{','.join(cfg.get('lora', {}).get('target_modules', []))}`）："
+        f"训练 {summary['steps']} 步用了 {summary['wall_seconds'] / 60:.1f} 分钟（{fmt(summary['seconds_per_step'])} 秒/步，"
+        f"设备 `{summary.get('device')}`），评估 {results.get('seconds', 0) / 60:.1f} 分钟，合计约 {minutes:.0f} 分钟。"
+        f"测试集 {results['num_samples']} 行，每类任务的行数见下表：行数少的任务，区间很宽。", "",
+        *table(["任务", "行数", "微调前（基座）", "微调后（LoRA）", "微调后的 95% 区间"], rows), "",
+        f"合计（不含单独计分的任务）：基座 {fmt(results['baseline']['exact_match'])}，微调后 {fmt(results['exact_match'])}，"
+        f"差的 95% 区间 {_interval(results.get('delta_ci', {}).get('exact_match'))}；测试损失 "
+        f"{fmt(results['baseline'].get('test_loss'))} → {fmt(results.get('test_loss'))}。"])
+
+
+def section_learning_curves(root: Path, data: Path, link: str) -> str:
+    points = read_json(data / "learning_curves" / "curves.json")
+    if not points:
+        return f"{NOT_YET} 运行 `python scripts/learning_curves.py`，" + REGENERATE
+    tasks = list(points[0]["tasks"])
+    rows = []
+    for p in points:
+        setting = "全量微调" if p["method"] == "full" else f"LoRA {p['target_modules']}"
+        rows.append([setting, f"{p['learning_rate']:g}", str(p["steps"]), fmt(p["exact_match"]),
+                     _plain_interval(p["exact_match_ci"]), *(fmt(p["tasks"][t]["exact_match"]) for t in tasks)])
+    n = points[0]["rows"]
+    return "\n".join([
+        f"每行是一次独立训练（batch 8，学习率按各自总步数预热并线性衰减），在同一份留出测试集上评估；"
+        f"“精确匹配”是四类任务共 {n} 行的合计，区间为 95% Wilson 区间；各任务一列（self_cognition 单独计分）。"
+        "由 `python scripts/learning_curves.py` 生成。", "",
+        *table(["设置", "学习率", "步数", "精确匹配", "95% 区间", *tasks], rows), "",
+        f"![learning_curves]({link.rsplit('/', 1)[0]}/learning_curves.png)"])
+
+
+def _interval(ci: list[float] | None) -> str:
+    """evaluate.py's delta_ci entry, signed like the difference beside it: "[+0.250, +0.550]"."""
+    return "-" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
 def faq_figures(folder: Path) -> dict | None:
@@ -577,7 +696,7 @@ def section_distill(root: Path, data: Path, link: str) -> str:
              + (f"（只用标签：{fmt(labels_summary.get('seconds_per_step'))} 秒/步，"
                 f"{fmt(labels_summary.get('peak_memory_mb'))} MB）" if labels_summary else "")
              + f"。评估：测试集前 {settings.get('max_samples') or '全部'} 条，贪心解码。", "",
-             *table(["模型", "精确匹配", "成功率", "字符相似度", "ROUGE-L", "测试 loss"], rows)]
+             *table(["模型", *map(metric_label, metrics)], rows)]
     losses = [number((r or {}).get("test_loss")) for r in (student, labels_only)]
     if all(x is not None and math.isfinite(x) for x in losses):  # the teacher's effect, in words chosen by the numbers
         better = losses[0] < losses[1]
@@ -589,7 +708,7 @@ def section_distill(root: Path, data: Path, link: str) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"lora_code": section_lora_code, "task_adapters": section_task_adapters, "distill": section_distill, "params": section_params, "lora_vs_full": section_lora_vs_full,
+SECTIONS = {"default_run": section_default_run, "learning_curves": section_learning_curves, "lora_code": section_lora_code, "task_adapters": section_task_adapters, "distill": section_distill, "params": section_params, "lora_vs_full": section_lora_vs_full,
             "bench": section_bench, "quick_start": section_quick_start, "faq": section_faq,
             "experiments": section_experiments}
 

@@ -118,6 +118,24 @@ def test_batch_reports_bad_lines_and_compares(tiny_run_dir, tmp_path, capsys):
     assert "已写入 2 条回答" in captured.out and "跳过 3 行" in captured.out
 
 
+def test_batch_without_input_compares_on_built_in_heldout_questions(tiny_run_dir, tmp_path, capsys):
+    """`demo --mode batch` exactly as the guide writes it: held-out phrasings, base vs LoRA, a file."""
+    import shutil
+
+    from zhlora.tasks import HELDOUT_TASKS, check_answer
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run)
+    assert chat.main(["--model_path", str(run), "--mode", "batch", "--max_new_tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    written = read_rows(run / "demo_heldout.jsonl")
+    assert {row["task"] for row in written} == set(HELDOUT_TASKS)  # the tiny run trained on every task
+    for row in written:
+        assert {"response", "base_response", "correct", "base_correct"} <= set(row)
+        assert row["correct"] == check_answer(row["task"], row["response"], row["output"])
+    assert "微调前 base" in out and "微调后 LoRA" in out and f"已写入 {len(written)} 条回答" in out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model_path", "no/such/run"], "config.yaml not found"),
     (["--adapters", "math"], "write name=path"),
@@ -132,7 +150,7 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--mode", "batch", "--output", "a.jsonl"], "needs --input FILE and --output FILE"),
+    (["--mode", "batch", "--input", "a.jsonl"], "--input FILE needs --output FILE"),
     (["--mode", "batch", "--input", "no/such.jsonl", "--output", "a.jsonl"], "--input no/such.jsonl: no such file"),
     (["--temperature", "0"], "temperature 0: must be > 0"),
 ])

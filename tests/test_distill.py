@@ -6,7 +6,7 @@ import torch
 
 from conftest import build_tiny_model_dir, tiny_overrides
 from zhlora.config import ConfigError, load_config
-from zhlora.distill import distill_loss_sum
+from zhlora.distill import distill_loss_sum, teacher_coarse
 from zhlora.train import train
 
 
@@ -25,10 +25,45 @@ def test_loss_matches_a_hand_computation():
     loss, n = distill_loss_sum(student, teacher, labels, alpha, T)
     assert n == 1
     assert loss.item() == pytest.approx(alpha * ce + (1 - alpha) * T * T * kl, rel=1e-6)
-    # top-k with k = vocab is the same KL
-    values, indices = teacher[0, 0:1].topk(3)
-    loss_k, _ = distill_loss_sum(student, (values, indices), labels, alpha, T)
+    # top-k with k = vocab is the same KL (the tail bucket is empty)
+    loss_k, _ = distill_loss_sum(student, teacher_coarse(teacher[0, 0:1], 3, T), labels, alpha, T)
     assert loss_k.item() == pytest.approx(loss.item(), rel=1e-6)
+    # k = 2: the KL between the coarsened distributions [top-1, top-2, tail] of both models
+    coarse = lambda p: [p[2], p[1], p[0]]  # the teacher's top-2 are tokens 2 and 1; the tail is token 0
+    kl_2 = sum(p * math.log(p / q) for p, q in zip(coarse(pt), coarse(ps)))
+    loss_2, _ = distill_loss_sum(student, teacher_coarse(teacher[0, 0:1], 2, T), labels, alpha, T)
+    assert loss_2.item() == pytest.approx(alpha * ce + (1 - alpha) * T * T * kl_2, rel=1e-6)
+
+
+def test_top_k_loss_is_zero_when_the_student_is_the_teacher(tiny_model_dir, tiny_data_dir):
+    from zhlora.batching import collate_padded
+    from zhlora.config import ModelConfig
+    from zhlora.distill import distill_loss_rows, teacher_top_k
+    from zhlora.models import answer_logits, load_model
+    from zhlora.train_setup import load_split
+
+    model, tok = load_model(ModelConfig(name=str(tiny_model_dir)), torch.device("cpu"))
+    samples = load_split(tiny_data_dir / "val.json", tok, load_config(None, [f"model.name={tiny_model_dir}"]))[0][:4]
+    cache = teacher_top_k(model, samples, [0, 1, 2, 3], tok.pad_token_id, 8, "cpu", temperature=2.0)
+    teacher = tuple(torch.cat([cache[f"{i}.{part}"] for i in range(4)]) for part in ("log_probs", "indices"))
+    with torch.no_grad():
+        student, targets = answer_logits(model, collate_padded(samples, tok.pad_token_id))
+    kl_only, n = distill_loss_rows(student, teacher, targets, alpha=0.0, temperature=2.0)
+    assert n > 0 and abs(kl_only.item()) < 1e-6
+
+
+def test_a_minus_inf_teacher_logit_gives_no_nan():
+    from zhlora.distill import distill_loss_rows
+
+    student = torch.randn(3, 6, requires_grad=True)
+    teacher = torch.randn(3, 6)
+    teacher[:, 4] = float("-inf")  # a token the teacher rules out (a masked or banned id)
+    targets = torch.tensor([0, 1, 2])
+    for given in (teacher, teacher_coarse(teacher, 6, 2.0), teacher_coarse(teacher, 3, 2.0)):
+        loss, _ = distill_loss_rows(student, given, targets, alpha=0.5, temperature=2.0)
+        loss.backward()
+        assert math.isfinite(loss.item()) and torch.isfinite(student.grad).all()
+        student.grad = None
 
 
 
@@ -103,12 +138,16 @@ def test_batched_teacher_top_k_equals_one_by_one(tiny_model_dir, tiny_data_dir):
     samples = load_split(tiny_data_dir / "val.json", tok, cfg)[0][:10]
     ids = list(range(109, 99, -1))  # ids in another order than the samples' lengths
     batched = teacher_top_k(model, samples, ids, tok.pad_token_id, 5, "cpu", batch_size=4)
-    assert batched.keys() == {f"{i}.{n}" for i in ids for n in ("values", "indices")}
+    assert batched.keys() == {f"{i}.{n}" for i in ids for n in ("log_probs", "indices")}
     for i, sample in zip(ids, samples):  # independently: the whole model on one unpadded row
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([sample["input_ids"]])).logits[0, :-1]
-        values, indices = logits[torch.tensor(sample["labels"][1:]) != -100].topk(5, dim=-1)
-        torch.testing.assert_close(batched[f"{i}.values"], values, rtol=1e-5, atol=1e-5)
+        answer = logits[torch.tensor(sample["labels"][1:]) != -100]
+        values, indices = answer.topk(5, dim=-1)
+        probs = torch.softmax(answer, dim=-1)  # temperature 1 (the default)
+        top = probs.gather(-1, indices)
+        expected = torch.cat([top, 1 - top.sum(-1, keepdim=True)], dim=-1)  # the tail bucket, by hand
+        torch.testing.assert_close(batched[f"{i}.log_probs"].exp(), expected, rtol=1e-4, atol=1e-6)
         assert torch.equal(batched[f"{i}.indices"], indices)
 
 
@@ -160,7 +199,45 @@ def test_overwrite_with_another_teacher_remakes_the_cache(tiny_model_dir, tiny_d
     train(load_config(None, [*base, f"training.distill_teacher={tiny_run_dir}"]))  # same teacher: reused
     assert "making it again" not in capsys.readouterr().out
     train(load_config(None, [*base, f"training.distill_teacher={tiny_model_dir}"]))  # the untrained base model
-    assert "was made for another teacher, top-k or data: making it again" in capsys.readouterr().out
+    made_again = "was made for another teacher, top-k, temperature, data or cache format: making it again"
+    assert made_again in capsys.readouterr().out
     second = load_file(str(out / "teacher_top4.safetensors"))
     assert first.keys() == second.keys()
-    assert any(not torch.equal(first[k], second[k]) for k in first if k.endswith(".values"))
+    assert any(not torch.equal(first[k], second[k]) for k in first if k.endswith(".log_probs"))
+
+
+def test_a_cache_without_the_tail_bucket_is_not_reused(tiny_model_dir, tiny_data_dir, tiny_run_dir, tmp_path,
+                                                        capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "student"
+    base = tiny_overrides(tiny_model_dir, tiny_data_dir, out, "training.distill_top_k=4", "training.max_steps=1",
+                          "output.overwrite=true", f"training.distill_teacher={tiny_run_dir}")
+    train(load_config(None, base))
+    cache = out / "teacher_top4.safetensors"
+    with safe_open(str(cache), "pt") as f:
+        fingerprint = f.metadata()["fingerprint"]
+    # What a cache made before the tail bucket holds: top-k "values" and indices, and only a fingerprint.
+    old = {k.replace(".log_probs", ".values"): v[:, :-1].contiguous() if k.endswith(".log_probs") else v
+           for k, v in load_file(str(cache)).items()}
+    save_file(old, str(cache), metadata={"fingerprint": fingerprint})
+    capsys.readouterr()
+    train(load_config(None, base))
+    assert "making it again" in capsys.readouterr().out
+    remade = load_file(str(cache))
+    assert any(k.endswith(".log_probs") for k in remade) and not any(k.endswith(".values") for k in remade)
+
+
+@pytest.mark.parametrize("top_k", [0, 4])
+def test_teacher_with_another_lm_head_size_is_refused(tiny_model_dir, tiny_data_dir, tmp_path, top_k):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    teacher.resize_token_embeddings(teacher.config.vocab_size + 8)  # padded rows, as Qwen2.5 7B vs 0.5B
+    teacher.save_pretrained(tmp_path / "teacher")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "teacher")  # the same tokenizer
+    with pytest.raises(ConfigError, match=r"lm_head has \d+ vocabulary rows, the student.s \d+"):
+        train(load_config(None, tiny_overrides(tiny_model_dir, tiny_data_dir, tmp_path / "out",
+                                               f"training.distill_teacher={tmp_path / 'teacher'}",
+                                               f"training.distill_top_k={top_k}", "training.max_steps=1")))

@@ -16,12 +16,14 @@ from conftest import tiny_overrides
 from zhlora import metrics
 from zhlora.config import ConfigError, load_config
 from zhlora.evaluate import DELTA_METRICS, evaluate_run, main
+from zhlora.generation import decoding_settings
 from zhlora.formatting import IGNORE_INDEX, encode_prompt, encode_sample
 
-TOP_LEVEL = [*metrics.HEADLINE, "test_loss", "perplexity", "num_samples", "ci", "per_task", "baseline", "delta",
-             "config", "versions", "settings", "definitions"]
+TOP_LEVEL = [*metrics.HEADLINE, "test_loss", "perplexity", "num_samples", "ci", "per_task", "num_generated",
+             "prompts_truncated", "forced_vs_generated", "baseline", "delta", "delta_ci", "config", "versions", "settings", "definitions", "seconds"]
 PREDICTION_KEYS = ["instruction", "input", "task", "prompt", "reference", "prediction", "baseline_prediction",
-                   "finished", "exact_match", "similarity", "rouge_l", "bleu_4", "generation_time"]
+                   "finished", "exact_match", "generated_exact_match", "similarity", "rouge_l", "bleu_4",
+                   "generation_time"]
 FAST = dict(max_samples=6, max_new_tokens=12)  # 12 test rows in the tiny split; 12 tokens keep it quick
 
 
@@ -61,8 +63,9 @@ def test_writes_results_with_every_documented_key(evaluated):
     assert results["perplexity"] == pytest.approx(math.exp(results["test_loss"]))
     assert results["definitions"] == metrics.DEFINITIONS
     assert results["settings"] == {"batch_size": 4, "max_new_tokens": 12, "decoding": "greedy",
+                                   "generation_config": decoding_settings(),
                                    "test_data": results["config"]["data"]["test_file"], "max_samples": 6,
-                                   "device": "cpu"}
+                                   "generate_samples": None, "device": "cpu"}
     assert set(results["versions"]) == {"python", "torch", "transformers", "peft", "zhlora"}
     assert results["config"]["lora"]["target_modules"] == ["all-linear"]  # the run's own config
     assert not list(run.glob(".evaluation_results.json.*"))  # no temp file left behind
@@ -205,13 +208,14 @@ def test_each_adapter_is_scored_on_its_own_tasks(task_runs, tiny_run_dir, tmp_pa
     assert set(by_name["num"]["per_task"]) == set(by_name["num"]["baseline"]["per_task"]) == set(TASKS_A)
     assert set(by_name["b"]["per_task"]) == set(TASKS_B)
     assert by_name["num"]["tasks"] == TASKS_A and by_name["outputs"]["tasks"] == []
-    assert by_name["outputs"]["num_samples"] == 12  # an empty data.tasks: every test row
+    every_row = len(json.loads(open(by_name["outputs"]["test_data"], encoding="utf-8").read()))
+    assert by_name["outputs"]["num_samples"] == every_row  # an empty data.tasks: every test row
     for row in by_name.values():
         assert set(row) >= {"path", "tasks", "test_data", *DELTA_METRICS, "per_task", "baseline", "delta", "config"}
         assert row["config"]["data"]["tasks"] == row["tasks"]
 
     rows = read_predictions(out)
-    assert [r["adapter"] for r in rows] == ["num"] * 2 + ["b"] * 2 + ["num2"] * 2 + ["outputs"] * 12
+    assert [r["adapter"] for r in rows] == ["num"] * 2 + ["b"] * 2 + ["num2"] * 2 + ["outputs"] * every_row
     assert all(r["task"] in TASKS_A for r in rows if r["adapter"] == "num")
     assert all(r["task"] in TASKS_B for r in rows if r["adapter"] == "b")
     assert [r["prediction"] for r in rows if r["adapter"] == "num"] == [r["prediction"] for r in rows
@@ -302,4 +306,49 @@ def test_table_columns_stay_apart_for_huge_values(capsys):
     results["delta"] = {"perplexity": -350226.3663}
     print_table(results)
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("perplexity"))
-    assert row.split() == ["perplexity", "43.5600", "350269.9", "-350226.4"]
+    assert row.split()[:4] == ["perplexity", "43.5600", "350269.9", "-350226.4"]
+
+
+def test_forced_argmax_follows_greedy_generation(tiny_run_dir):
+    """The teacher-forced check: on a reference that is greedy's own output, every answer token is
+    the argmax; the stop position is a hit exactly when greedy would stop there."""
+    from zhlora.evaluate import forced_argmax
+    from zhlora.generation import generate, load_run
+
+    model, tokenizer, cfg = load_run(tiny_run_dir, "cpu")
+    rows = json.loads(open(cfg.data.test_file, encoding="utf-8").read())[:8]
+    prompts = [encode_prompt(row, tokenizer, cfg.model.template) for row in rows]
+    six = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=4)
+    checked = 0
+    for row, prompt, g in zip(rows, prompts, six):
+        ids = g.token_ids[:5]
+        reference = tokenizer.decode(ids)
+        if tokenizer(reference, add_special_tokens=False)["input_ids"] != ids:
+            continue  # this reference would not tokenize back to greedy's ids
+        sample = encode_sample({**row, "output": reference}, tokenizer, cfg.model.template, cfg.data.max_length)
+        (targets, hits), = forced_argmax(model, tokenizer, [sample], 4)[0].values()
+        assert targets[:5] == ids and all(hits[:5])
+        assert hits[5] == (len(g.token_ids) == 6 and g.token_ids[5] == targets[5])  # the stop token
+        checked += 1
+    assert checked >= 2
+
+
+def test_teacher_forced_exact_match_agrees_with_generation(evaluated):
+    run, results = evaluated
+    agree = results["forced_vs_generated"]
+    assert agree["rows"] == sum(row["task"] in metrics.CHECKABLE_TASKS and row["task"] != "self_cognition"
+                                for row in read_predictions(run))
+    assert agree["agree"] == agree["rows"]
+    assert results["num_generated"] == FAST["max_samples"]
+
+
+def test_generate_samples_scores_the_rest_by_teacher_forcing(evaluated, tmp_path):
+    batched_run, full = evaluated
+    run = copy_run(batched_run, tmp_path / "run")
+    results = evaluate_run(run, batch_size=4, baseline=False, generate_samples=2, **FAST)
+    rows = read_predictions(run)
+    generated = [row for row in rows if row["prediction"] is not None]
+    assert results["num_generated"] == len(generated) == 2 + sum(row["task"] == "self_cognition" for row in rows[2:])
+    # exact match and test loss come from the forward pass over every row: unchanged by generating fewer
+    assert results["exact_match"] == full["exact_match"] and results["test_loss"] == pytest.approx(full["test_loss"])
+    assert [row["exact_match"] for row in rows] == [row["exact_match"] for row in read_predictions(batched_run)]

@@ -169,3 +169,56 @@ def test_state_dict_loads_into_peft(base_model, input_ids, tmp_path):
     save_file(sd, tmp_path / "adapter_model.safetensors")
     loaded = PeftModel.from_pretrained(copy.deepcopy(base_model), tmp_path).eval()
     torch.testing.assert_close(logits(loaded, input_ids), expected, atol=1e-6, rtol=0)
+
+
+def test_bf16_base_matches_peft(base_model, input_ids):
+    """A bf16 base keeps fp32 adapters (as PEFT's autocast_adapter_dtype): x goes in cast to
+    fp32, the sum comes back in bf16, so both give the same logits."""
+    base_model = base_model.to(torch.bfloat16)
+    ours, _ = make_ours(base_model)
+    peft_model = make_peft(base_model)
+    assert {p.dtype for p in ours.parameters() if p.requires_grad} == {torch.float32}
+    randomize_lora(ours)
+    copy_into_peft(ours, peft_model)
+    out = logits(ours, input_ids)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, logits(peft_model, input_ids), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("adapter_dtype", [None, torch.bfloat16])
+def test_merge_on_a_bf16_base_rounds_once(adapter_dtype):
+    """W0 + (alpha / r) B A is summed in fp32 and rounded to bf16 once, not B A first."""
+    torch.manual_seed(5)
+    base = torch.nn.Linear(64, 48, bias=True, dtype=torch.bfloat16)
+    layer = LoRALinear(base, r=R, lora_alpha=ALPHA)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(std=0.1)
+    if adapter_dtype is not None:  # e.g. adapter weights loaded back from a bf16 file
+        layer.to(adapter_dtype)
+    with torch.no_grad():
+        A, B = layer.lora_A.weight.float(), layer.lora_B.weight.float()
+        expected = (base.weight.float() + (B @ A) * layer.scaling).to(torch.bfloat16)
+    merged = layer.merge()
+    assert merged.weight.dtype == torch.bfloat16 and torch.equal(merged.bias, base.bias)
+    assert torch.equal(merged.weight, expected)
+
+
+# Each form PEFT accepts (tuners_utils.check_target_module_exists): a list matches a full name or
+# a suffix after a dot; a string is a regex that must match the full name (re.fullmatch).
+TARGET_FORMS = [["self_attn.q_proj"], ["model.layers.0.self_attn.q_proj", "v_proj"], [r"mlp.down_proj", "o_proj"],
+                r".*\.(q|v)_proj", r"model\.layers\.1\..*proj", "all-linear", "ALL-LINEAR", ["lm_head"]]
+
+
+@pytest.mark.parametrize("target_modules", TARGET_FORMS, ids=str)
+def test_target_modules_select_what_peft_selects(base_model, target_modules):
+    _, names = make_ours(base_model, target_modules)
+    assert sorted(names) == sorted(make_peft(base_model, target_modules).targeted_module_names)
+
+
+@pytest.mark.parametrize("target_modules", ["q_proj", ["proj"], ["mlp"]])
+def test_target_modules_peft_refuses_are_refused(base_model, target_modules):
+    """"q_proj" as a string is a regex over full names: nothing matches. "mlp" is no nn.Linear."""
+    with pytest.raises(ValueError):
+        make_peft(base_model, target_modules)
+    with pytest.raises(ValueError, match="target_modules"):
+        make_ours(base_model, target_modules)

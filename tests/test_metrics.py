@@ -117,12 +117,27 @@ def test_summarize_means_and_per_task():
     assert summary["avg_length_tokens"] == pytest.approx((3 + 8 + 5) / 3)
     assert summary["avg_generation_time"] == pytest.approx(2 / 3)
     assert summary["avg_similarity"] == pytest.approx((1 + 0.5 + 0.75) / 3)
-    assert summary["per_task"]["num2cn"] == pytest.approx({"n": 2, "exact_match": 0.5, "avg_similarity": 0.75,
-                                                           "rouge_l": np.mean([s["rouge_l"] for s in scores[:2]])})
+    per_task = dict(summary["per_task"]["num2cn"])
+    assert per_task.pop("exact_match_ci") == pytest.approx(list(metrics.wilson_ci(1, 2)))
+    assert per_task == pytest.approx({"n": 2, "exact_match": 0.5, "avg_similarity": 0.75,
+                                      "rouge_l": np.mean([s["rouge_l"] for s in scores[:2]])})
     assert "exact_match" not in summary["per_task"]["open_qa"]
     assert set(summary["ci"]) == set(metrics.CI_METRICS)
     low, high = summary["ci"]["success_rate"]
     assert low <= summary["success_rate"] <= high
+
+
+def test_scored_apart_tasks_stay_out_of_the_headline_exact_match():
+    scores = [score_sample("num2cn", "一千", "一千", True, 3, 0.5),
+              score_sample("num2cn", "一百", "一千", True, 3, 0.5),
+              score_sample("self_cognition", "我是小知，zhlora 训练的。", "我是小知，由 zhlora 微调的中文助手。", True, 9, 0.5)]
+    summary = summarize(scores)
+    assert summary["exact_match"] == pytest.approx(1 / 2)  # the self_cognition hit is not in the average
+    assert summary["per_task"]["self_cognition"]["exact_match"] == 1.0
+    base = [score_sample(s["task"], "", "x", True, 1, 0.1) for s in scores]
+    for b in base:
+        b["exact_match"] = False if b["exact_match"] is not None else None
+    assert metrics.delta_ci(scores, base)["exact_match"] == pytest.approx([0.0, 1.0])  # rows 1-2 only: (1, 0)
 
 
 def test_summarize_without_checkable_samples():
@@ -161,3 +176,89 @@ def test_every_metric_is_defined_once_in_the_docstring():
         assert line and "\n" not in line, name
     assert metrics.perplexity(math.log(5.0)) == pytest.approx(5.0)
     assert metrics.perplexity(1000.0) == math.inf
+
+
+# --- Wilson intervals for 0/1 rates, paired bootstrap for the delta ----------------------
+
+Z95 = 1.959963984540054  # the 97.5% normal quantile
+
+
+@pytest.mark.parametrize("k, n, expected", [
+    (0, 48, (0.0, Z95 ** 2 / (48 + Z95 ** 2))),  # k = 0: upper = z^2 / (n + z^2) = 0.0741, never [0, 0]
+    (48, 48, (48 / (48 + Z95 ** 2), 1.0)),  # k = n: lower = n / (n + z^2) = 0.9259
+    (10, 50, (0.1124, 0.3304)),  # the textbook 10 of 50 (statsmodels proportion_confint(method="wilson"))
+])
+def test_wilson_ci(k, n, expected):
+    assert metrics.wilson_ci(k, n) == pytest.approx(expected, abs=1e-4)
+
+
+def test_wilson_ci_refuses_impossible_counts():
+    for k, n in [(0, 0), (-1, 5), (6, 5)]:
+        with pytest.raises(ValueError):
+            metrics.wilson_ci(k, n)
+
+
+def test_summarize_gives_rates_a_wilson_ci_and_scores_a_bootstrap_ci():
+    # 48 checkable answers, none right, all stopped: the percentile bootstrap would say [0, 0] and [1, 1]
+    scores = [score_sample("num2cn", "一百", "一千", True, 3, 0.1) for _ in range(47)]
+    scores.append(score_sample("num2cn", "九千", "一千", True, 3, 0.1))
+    summary = summarize(scores)
+    assert summary["exact_match"] == 0.0 and summary["success_rate"] == 1.0
+    assert summary["ci"]["exact_match"] == pytest.approx([0.0, 0.0741], abs=1e-4)
+    assert summary["ci"]["success_rate"] == pytest.approx([0.9259, 1.0], abs=1e-4)
+    # similarity is continuous: still the percentile bootstrap of its mean
+    assert summary["ci"]["avg_similarity"] == list(bootstrap_ci([s["similarity"] for s in scores]))
+
+
+def test_paired_bootstrap_ci_is_the_interval_of_the_mean_difference():
+    # b is noisy; a is b plus 0.05 on every row. Unpaired, the two intervals overlap widely;
+    # paired, every difference is 0.05 +- 0.01, so the interval sits tight around 0.05.
+    rng = np.random.default_rng(0)
+    b = rng.uniform(0, 1, size=60)
+    a = b + 0.05 + rng.normal(0, 0.01, size=60)
+    low, high = metrics.paired_bootstrap_ci(a, b)
+    assert 0.04 < low < (a - b).mean() < high < 0.06
+    a_low, _ = bootstrap_ci(a)
+    _, b_high = bootstrap_ci(b)
+    assert a_low < b_high  # the unpaired intervals could not tell the models apart
+    assert (low, high) == bootstrap_ci(a - b)  # the same resampling as `ci`, on the differences
+
+
+def test_paired_bootstrap_ci_skips_unpaired_rows_and_refuses_mismatches():
+    assert metrics.paired_bootstrap_ci([1.0, None, 0.0, 1.0], [0.0, 1.0, None, 0.0]) == (1.0, 1.0)
+    assert metrics.paired_bootstrap_ci([None, 1.0], [0.0, None]) is None
+    with pytest.raises(ValueError):
+        metrics.paired_bootstrap_ci([1.0, 0.0], [1.0])
+
+
+def test_delta_ci_pairs_the_same_rows_of_both_models():
+    tuned = [score_sample("num2cn", "一千", "一千", True, 3, 0.1), score_sample("num2cn", "一千", "一千", True, 3, 0.1),
+             score_sample("open_qa", "你好", "你好", True, 2, 0.1)]
+    base = [score_sample("num2cn", "一百", "一千", False, 9, 0.1), score_sample("num2cn", "一百", "一千", False, 9, 0.1),
+            score_sample("open_qa", "", "你好", True, 1, 0.1)]  # stopped at once: not "answered and stopped"
+    ci = metrics.delta_ci(tuned, base)
+    assert set(ci) == set(metrics.CI_METRICS)
+    assert ci["exact_match"] == [1.0, 1.0]  # 2 checkable rows, both right vs both wrong; open_qa skipped
+    assert ci["success_rate"] == [1.0, 1.0]  # every row: 1 - 0
+    low, high = ci["avg_similarity"]  # row differences 0.5, 0.5, 1
+    assert 0.5 <= low < 2 / 3 < high <= 1.0
+    only_open = [score_sample("open_qa", "你好", "你好", True, 2, 0.1)]
+    assert metrics.delta_ci(only_open, only_open)["exact_match"] is None
+    with pytest.raises(ValueError, match="row 2"):
+        metrics.delta_ci(tuned, base[:2] + [score_sample("sort", "1", "1", True, 1, 0.1)])
+
+
+# --- display labels --------------------------------------------------------------------
+
+def test_every_metric_has_one_bilingual_label():
+    assert list(metrics.LABELS) == list(metrics.DEFINITIONS)
+    for name, (zh, en) in metrics.LABELS.items():
+        assert zh and en and en.isascii(), name
+    # success_rate is "answered and stopped", not "correct": no 成功/success/correct in its label
+    zh, en = metrics.LABELS["success_rate"]
+    assert "停止" in zh and "stopped" in en and "成功" not in zh and "success" not in en
+    assert metrics.metric_label("success_rate") == "作答并停止 answered & stopped (success_rate)"
+    assert metrics.metric_label("exact_match") == "精确匹配 exact match (exact_match)"
+    assert metrics.metric_label("bleu_4") == "BLEU-4 (bleu_4)"  # no "BLEU-4 BLEU-4"
+    assert metrics.metric_label("success_rate", with_key=False) == "作答并停止 answered & stopped"  # beside the key
+    assert metrics.metric_label("rouge_l", with_key=False) == "ROUGE-L"

@@ -201,3 +201,23 @@ def test_value_labels_stay_clear_of_error_bars():
     _bars(ax, [0], [20.0], None, [[8.0, 22.0]], [None], lambda zh, en: en, top=105)
     assert ax.texts[0].xy[1] == 22.0
     plt.close(fig)
+
+
+def test_metric_labels_come_from_metrics_and_say_what_success_rate_is(tmp_path, monkeypatch):
+    """success_rate is drawn next to exact match: its tick must read "answered & stopped", not "success"."""
+    from zhlora import metrics
+
+    texts, save = [], plots._save
+
+    def keep_texts(fig, path):  # read the figure's text before _save closes it
+        texts.extend(t.get_text() for ax in fig.axes for t in [*ax.get_xticklabels(), ax.title])
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep_texts)
+    plots.plot_run(write_run(tmp_path))
+    label = plots.make_label(plots.cjk_font() is not None)  # as plot_run labels: English alone without a font
+    for key in ("success_rate", "exact_match", "avg_similarity", "test_loss"):
+        assert label(*metrics.LABELS[key], sep="\n") in texts, key
+    assert any("answered & stopped" in t for t in texts)
+    assert not any("成功" in t or "success" in t for t in texts)
+    assert any("Wilson" in t for t in texts)  # the title says which interval the error bars are

@@ -58,9 +58,70 @@ def test_growth_keeps_optimizer_moments(tiny_model_dir):
     new_A, new_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     assert torch.equal(optimizer.state[new_A]["exp_avg"][:4], moments_A)
     assert torch.equal(optimizer.state[new_B]["exp_avg_sq"][:, :4], moments_B)
-    assert not optimizer.state[new_B]["exp_avg_sq"][:, 4:].any()
+    # new entries: no momentum, and B's new columns take the mean squared gradient of their row
+    assert not optimizer.state[new_A]["exp_avg"][4:].any()
+    mean_B = moments_B.mean(1, keepdim=True).expand(-1, 4)
+    assert torch.equal(optimizer.state[new_B]["exp_avg_sq"][:, 4:], mean_B) and mean_B.all()
     assert old_A not in optimizer.state and any(p is new_A for p in optimizer.param_groups[0]["params"])
     optimizer.step()  # and it still steps
+
+
+def steady_gradients(model, new_r: int, seed: int = 0):
+    """name -> function(noise generator) giving each LoRA weight's gradient at its grown shape.
+
+    Each entry has a steady sign plus 10% noise, scaled by 0.1-10x along the non-rank
+    dimension (A's input features, B's output rows), so one entry's |g| is not another's."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    pattern = {}
+    for name, (rows, cols) in shapes.items():
+        if "lora_A" in name:  # r x in: grows in rows
+            rows, scale = new_r, torch.logspace(-1, 1, cols)[None, :]
+        else:  # out x r: grows in columns
+            cols, scale = new_r, torch.logspace(-1, 1, rows)[:, None]
+        pattern[name] = torch.randn(rows, cols, generator=gen).sign() * scale
+    return lambda noise: {n: d * (1 + 0.1 * torch.randn(d.shape, generator=noise)) for n, d in pattern.items()}
+
+
+def adam_step(params: dict, optimizer, grads: dict) -> dict:
+    """One step with the given gradients (cut to each weight's shape); returns |change| per weight."""
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for n, p in params.items():
+        p.grad = grads[n][:p.shape[0], :p.shape[1]].clone()
+    optimizer.step()
+    return {n: (p.detach() - before[n]).abs() for n, p in params.items()}
+
+
+def new_entries_mean(changes: dict, old_r: int) -> float:
+    parts = [c[old_r:] if "lora_A" in n else c[:, old_r:] for n, c in changes.items()]
+    return torch.cat([p.flatten() for p in parts]).mean().item()
+
+
+def test_new_entries_take_fresh_sized_adam_steps(tiny_model_dir):
+    """After growth at step 1000 the new entries step about as far as a fresh parameter's.
+
+    Zero moments under the tensor's shared step count (1000) gave 2.52x a fresh parameter's
+    step 1 step after growth, 5.21x after 10 and 3.63x after 50 (the mean over new entries)."""
+    lr, old_r, new_r = 1e-3, 4, 8
+    model = tiny_peft(tiny_model_dir).train()
+    gradients, noise = steady_gradients(model, new_r), torch.Generator().manual_seed(1)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
+    for _ in range(1000):
+        adam_step(params, optimizer, gradients(noise))
+    grow_lora(model, optimizer, new_r)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    fresh = {n: torch.zeros_like(p, requires_grad=True) for n, p in params.items()}
+    fresh_optimizer = torch.optim.AdamW(fresh.values(), lr=lr, weight_decay=0.0)
+    ratios = {}
+    for t in range(1, 51):
+        grads = gradients(noise)
+        grown_step = new_entries_mean(adam_step(params, optimizer, grads), old_r) / lr
+        fresh_step = new_entries_mean(adam_step(fresh, fresh_optimizer, grads), old_r) / lr
+        ratios[t] = grown_step / fresh_step
+    shown = {t: round(ratios[t], 2) for t in (1, 10, 50)}
+    assert max(ratios.values()) < 1.5, (shown, max(ratios.values()))
+    assert ratios[50] > 0.5, shown  # and the new entries do train
 
 
 def test_schedule_is_checked():

@@ -206,12 +206,37 @@ def test_quick_start_section_from_outputs(tmp_path):
          "supervised_tokens_per_s": 310.2, "final_loss": 0.41, "final_eval_loss": 0.45, "peak_memory_mb": 1834.0,
          "peak_memory_kind": "process peak RSS", "adapter_size_mb": 3.518}), encoding="utf-8")
     (out / "evaluation_results.json").write_text(json.dumps(
-        {"exact_match": 0.5, "test_loss": 0.5, "baseline": {"exact_match": 0.1, "test_loss": 2.0},
+        {"exact_match": 0.5, "success_rate": 0.9, "test_loss": 0.5, "num_samples": 40, "num_generated": 12,
+         "per_task": {"cn2num": {"n": 30, "exact_match": 0.6, "exact_match_ci": [0.42, 0.75]},
+                      "open_qa": {"n": 4}, "self_cognition": {"n": 6, "exact_match": 1.0, "exact_match_ci": [0.61, 1.0]}},
+         "forced_vs_generated": {"rows": 10, "agree": 9},
+         "baseline": {"exact_match": 0.1, "success_rate": 0.2, "test_loss": 2.0,
+                      "per_task": {"cn2num": {"exact_match": 0.0}, "self_cognition": {"exact_match": 0.0}}},
+         "delta_ci": {"exact_match": [0.25, 0.55], "success_rate": None},
          "settings": {"max_samples": 48, "max_new_tokens": 48}}), encoding="utf-8")
+    (out / "quick_start_timing.json").write_text(json.dumps({"prepare": 10, "train": 400, "evaluate": 90,
+                                                             "plot": 5, "demo": 40, "total": 545}), encoding="utf-8")
+    (out / "demo_heldout.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in [
+        {"task": "cn2num", "instruction": "麻烦写成数字。", "input": "四百二十", "output": "420",
+         "base_response": "Four | hundred", "base_correct": False, "response": "420", "correct": True},
+        {"task": "cn2num", "instruction": "这个是多少？", "input": "五", "output": "5",
+         "base_response": "5", "base_correct": True, "response": "5", "correct": True}]), encoding="utf-8")
     assert mr.main(["--root", str(root)]) == 0
     section = generated((root / "docs" / "guide.md").read_text(encoding="utf-8"), "quick_start")
     assert "| 可训练参数 | 921,600 / 135,436,608 （0.68%） |" in section
-    assert "| exact_match | 0.500 | 0.100 | +0.400 |" in section and "| test_loss | 0.500 | 2.000 | -1.500 |" in section
+    # each metric by its bilingual label (zhlora.metrics.LABELS): success_rate is not "success";
+    # the difference's paired 95% interval where evaluate.py gives one (not for test_loss)
+    assert "| 精确匹配 exact match (exact_match) | 0.100 | 0.500 | +0.400 | [+0.250, +0.550] |" in section
+    assert "| 作答并停止 answered & stopped (success_rate) | 0.200 | 0.900 | +0.700 | - |" in section
+    assert "| 测试损失 test loss (test_loss) | 2.000 | 0.500 | -1.500 | - |" in section
+    # per task: n, base -> LoRA, LoRA's interval; open_qa has no exact match; self_cognition is apart
+    assert "| cn2num | 30 | 0.000 | 0.600 | [0.420, 0.750] |" in section and "| open_qa |" not in section
+    assert "| self_cognition（单独计分） | 6 | 0.000 | 1.000 | [0.610, 1.000] |" in section
+    assert "总用时 9.1 分钟：第二步 数据 10 秒，第三步 训练 400 秒，第四步 评估 90 秒" in section
+    assert "两种判定有 9 行一致" in section and "**作答并停止 answered & stopped (success_rate)**：" in section
+    # the held-out demo: the tally, then one example per task, a pipe inside an answer escaped
+    assert "| cn2num | 2 | 1 | 2 |" in section
+    assert "| 麻烦写成数字。 四百二十 | 420 | Four \\| hundred | 420 |" in section
 
 
 def test_an_unknown_section_is_refused(tmp_path, capsys):
@@ -255,6 +280,8 @@ def test_task_adapter_report_and_distillation(tmp_path):
     assert "只用标签：1.250 秒/步" in generated(guide, "distill")
     assert "按测试 loss，这一次教师帮了忙" in generated(guide, "distill")  # 2.000 < 2.500
     assert "70,000,000" in generated(guide, "distill")
+    header = next(line for line in lines if line.startswith("| 模型"))
+    assert "| 作答并停止 answered & stopped (success_rate) |" in header and "成功率" not in header
 
 
 @pytest.mark.parametrize("labels_only_loss, words", [(1.5, "这一次教师没有帮上忙"), (None, None)])

@@ -145,7 +145,16 @@ def oracle_extreme(row):
     return row["output"] == str(max(values) if "最大" in row["instruction"] else min(values))
 
 
-ORACLES = {"num2cn": oracle_num2cn, "cn2num": oracle_cn2num, "rmb_upper": oracle_rmb_upper,
+def oracle_digits(row):
+    return row["input"].isdigit() and row["output"] == "".join("零一二三四五六七八九"[int(d)] for d in row["input"])
+
+
+def oracle_self_cognition(row):
+    return (not row["input"] and row["instruction"].endswith(("？", "。"))
+            and "小知" in row["output"] and "zhlora" in row["output"])
+
+
+ORACLES = {"num2cn": oracle_num2cn, "digits": oracle_digits, "self_cognition": oracle_self_cognition, "cn2num": oracle_cn2num, "rmb_upper": oracle_rmb_upper,
            "s2t": oracle_s2t, "t2s": oracle_t2s, "pinyin": oracle_pinyin,
            "arithmetic": oracle_arithmetic, "date": oracle_date, "unit": oracle_unit,
            "sort": oracle_sort, "extreme": oracle_extreme}
@@ -161,7 +170,7 @@ def test_every_row_matches_its_oracle(rows, task):
 def test_family_has_several_phrasings_and_an_input(rows, task):
     family = by_task(rows, task)
     assert len({row["instruction"] for row in family}) >= 3
-    assert all(row["input"] and row["output"] for row in family)
+    assert all((row["input"] or task == "self_cognition") and row["output"] for row in family)
     assert all(check_answer(task, row["output"] + "。", row["output"]) for row in family)
 
 
@@ -266,3 +275,22 @@ def test_check_answer(task, prediction, reference, expected):
 def test_check_answer_refuses_open_qa():
     with pytest.raises(ValueError, match="no exact answer"):
         check_answer("open_qa", "a", "a")
+
+
+def test_heldout_rows_use_only_phrasings_training_never_sees():
+    from zhlora.tasks import heldout_rows
+
+    tasks = ["num2cn", "cn2num", "digits", "extreme", "self_cognition"]
+    held = heldout_rows(20, tasks, seed=0)
+    # self_cognition has no input to vary: one row per held-out question (there are 6)
+    assert Counter(r["task"] for r in held) == {**{t: 20 for t in tasks[:-1]}, "self_cognition": 6}
+    trained = {r["instruction"] for r in generate_samples(4000, seed=1, tasks=tasks)}
+    assert not {r["instruction"] for r in held} & trained
+    assert all(ORACLES[r["task"]](r) for r in held)
+    assert heldout_rows(20, tasks, seed=0) == held
+
+
+def test_self_cognition_is_checked_by_name_and_maker():
+    assert check_answer("self_cognition", "我叫小知，是 ZhLoRA 做的。", "我是小知，由 zhlora 微调的中文助手。")
+    assert not check_answer("self_cognition", "我是小知。", "我是小知，由 zhlora 微调的中文助手。")
+    assert not check_answer("self_cognition", "I am SmolLM, made by Hugging Face.", "我是小知，由 zhlora 微调。")

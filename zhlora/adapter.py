@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from zhlora.config import Config, ConfigError
 
 
@@ -22,12 +24,28 @@ def target_modules(names: list[str]):
     return "all-linear" if names == ["all-linear"] else list(names)
 
 
+def upcast_trainable(model):
+    """Cast every trainable parameter to fp32, in place; frozen ones keep their dtype.
+
+    model.dtype=auto loads bf16 on a GPU. AdamW on bf16 weights has no fp32 master copy:
+    at lr 5e-5 only 28.8% of a 576x576 weight's entries changed in 10 steps (99.999% in
+    fp32), since 0.05 + 1e-4 rounds back to 0.05. A frozen bf16 base is fine (and half the
+    memory); with bf16 autocast the matmuls still run in bf16. `.data` is replaced, not the
+    Parameter, so tied weights (embed_tokens = lm_head) stay tied.
+    """
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
 def apply_lora(model, cfg: Config):
-    """Wrap a base model for training according to cfg.lora / cfg.training.method."""
+    """Wrap a base model for training according to cfg.lora / cfg.training.method.
+
+    Whatever the base's dtype, what trains is fp32 (`upcast_trainable`).
+    """
     if cfg.training.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
+        return upcast_trainable(model.requires_grad_(True))
     lora = cfg.lora
     if lora.backend == "scratch":
         from zhlora.lora import inject_lora
@@ -36,14 +54,14 @@ def apply_lora(model, cfg: Config):
             raise ConfigError("lora.use_dora: DoRA needs lora.backend=peft (the scratch layer is plain LoRA)")
         inject_lora(model, target_modules(lora.target_modules), lora.r, lora.lora_alpha,
                     lora.lora_dropout, lora.use_rslora)
-        return model
+        return upcast_trainable(model)
     from peft import LoraConfig, get_peft_model
 
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                              target_modules=target_modules(lora.target_modules), use_dora=lora.use_dora,
                              use_rslora=lora.use_rslora, task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, peft_config)
+    try:  # PEFT upcasts bf16 adapters itself (autocast_adapter_dtype); upcast_trainable checks the rest
+        return upcast_trainable(get_peft_model(model, peft_config))
     except ValueError as err:  # e.g. target modules not found in the model
         raise ConfigError(f"lora.target_modules={lora.target_modules}: {err}") from None
 

@@ -3,6 +3,7 @@
     python examples/demo.py --model_path outputs                     # multi-turn chat, streamed
     python examples/demo.py --model_path outputs --compare           # base, then fine-tuned, per question
     python examples/demo.py --model_path outputs --adapters math=outputs_math   # /adapter math switches
+    python examples/demo.py --model_path outputs --mode batch        # built-in held-out questions, base vs LoRA
     python examples/demo.py --model_path outputs --mode batch --input questions.jsonl --output answers.jsonl
 
 `zhlora demo ...` is the same command. Every prompt comes from formatting.encode_prompt,
@@ -16,6 +17,11 @@ Choices worth knowing:
   rather than in two columns: both stream token by token, and two streaming columns
   need a full-screen terminal UI. The history keeps the fine-tuned answer, so in later
   turns the base model continues the fine-tuned conversation.
+- --mode batch with no --input asks a built-in held-out set: HELDOUT_PER_TASK rows of each
+  task the run trained on that has held-out phrasings (tasks.heldout_rows: phrasings no
+  training row uses, fresh numbers), answered greedily by the base model and the fine-tuned
+  one side by side, each checked against its reference; written to
+  <model_path>/demo_heldout.jsonl unless --output says otherwise.
 - "base" is the run's own PeftModel with every adapter disabled (no second copy in
   memory). A full fine-tune has no adapter: --compare loads the base model named in
   its config.yaml beside it.
@@ -40,6 +46,7 @@ from zhlora.generation import generate, load_base, load_run, stream
 from zhlora.models import ModelSourceError
 from zhlora.readers import decode, read_jsonl
 from zhlora.safety import adapter_name_problem, check_adapter_folder
+from zhlora.tasks import HELDOUT_TASKS, check_answer, heldout_rows
 
 HELP = """命令 (commands):
   /reset                  清空对话历史 (clear the history)
@@ -322,15 +329,57 @@ def batch(chat: Chat, input_path: Path, output_path: Path, seed: int) -> int:
 # ---- command line --------------------------------------------------------------------
 
 
+HELDOUT_PER_TASK = 8
+HELDOUT_MAX_NEW_TOKENS = 48  # the held-out answers are short; the base model would ramble for 256
+
+
+def heldout_tasks(cfg) -> list[str]:
+    """The run's tasks that have held-out phrasings (all such tasks for a run on every task)."""
+    return [t for t in (cfg.data.tasks or HELDOUT_TASKS) if t in HELDOUT_TASKS]
+
+
+def heldout_batch(chat: Chat, cfg, output_path: Path) -> int:
+    """Answer the built-in held-out questions with the base and the fine-tuned model, side by side."""
+    tasks = heldout_tasks(cfg)
+    if not tasks:
+        raise ChatError(f"the run was trained on data.tasks={cfg.data.tasks}, none of which has held-out "
+                        "questions; give your own with --input FILE --output FILE")
+    rows = heldout_rows(HELDOUT_PER_TASK, tasks)
+    prompts = [encode_prompt(row, chat.tokenizer, chat.template) for row in rows]
+    for column, name in (("base_response", "base"), ("response", chat.active)):
+        with answering_as(chat, name) as model:
+            answers = generate(model, chat.tokenizer, prompts, **chat.sampling.kwargs())
+        for row, answer in zip(rows, answers):
+            row[column] = answer.text
+            row[column.replace("response", "correct")] = check_answer(row["task"], answer.text, row["output"])
+    for row in rows:
+        mark = {True: "✓", False: "✗"}
+        print(f"[{row['task']}] {row['instruction']} {row['input']}".rstrip())
+        print(f"    参考 reference : {row['output']}")
+        print(f"    {mark[row['base_correct']]} 微调前 base : {row['base_response']}")
+        print(f"    {mark[row['correct']]} 微调后 LoRA : {row['response']}")
+    print(f"\n{'task':<16}{'n':>4}{'base':>8}{'LoRA':>8}   (held-out phrasings, greedy)")
+    for task in tasks:
+        mine = [row for row in rows if row["task"] == task]
+        print(f"{task:<16}{len(mine):>4}{sum(r['base_correct'] for r in mine):>8}{sum(r['correct'] for r in mine):>8}")
+    write_jsonl(output_path, rows)
+    print(f"已写入 {len(rows)} 条回答 -> {output_path} ({chat.sampling.describe()})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zhlora demo", description="第六步: chat with a trained run")
     parser.add_argument("--model_path", default="outputs", help="a run folder (output.dir of training)")
     parser.add_argument("--mode", choices=["interactive", "batch"], default="interactive")
-    parser.add_argument("--input", type=Path, help="batch: JSONL of {instruction, input} rows")
-    parser.add_argument("--output", type=Path, help="batch: the rows with `response` added")
+    parser.add_argument("--input", type=Path,
+                        help="batch: JSONL of {instruction, input} rows (default: built-in held-out questions, "
+                             "base and fine-tuned side by side)")
+    parser.add_argument("--output", type=Path, help="batch: the rows with `response` added "
+                                                     "(built-in questions: <model_path>/demo_heldout.jsonl)")
     parser.add_argument("--compare", action="store_true",
                         help="answer with the base model too (interactive: printed first; batch: base_response)")
-    parser.add_argument("--max_new_tokens", type=SETTINGS["max_new_tokens"], default=256)
+    parser.add_argument("--max_new_tokens", type=SETTINGS["max_new_tokens"], default=None,
+                        help=f"default 256 ({HELDOUT_MAX_NEW_TOKENS} for the built-in held-out questions)")
     parser.add_argument("--temperature", type=SETTINGS["temperature"], default=None,
                         help="default 0.7; in batch mode giving it (or --top_p) turns sampling on")
     parser.add_argument("--top_p", type=SETTINGS["top_p"], default=None, help="default 0.9")
@@ -346,12 +395,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.mode == "batch" and not (args.input and args.output):
-        parser.error("--mode batch needs --input FILE and --output FILE")
-    if args.mode == "batch" and not args.input.is_file():
+    builtin = args.mode == "batch" and args.input is None
+    if args.max_new_tokens is None:
+        args.max_new_tokens = HELDOUT_MAX_NEW_TOKENS if builtin else 256
+    if args.mode == "batch" and args.input and not args.output:
+        parser.error("--mode batch --input FILE needs --output FILE")
+    if args.mode == "batch" and args.input and not args.input.is_file():
         parser.error(f"--input {args.input}: no such file")  # before the model load, not after
+    args.compare = args.compare or builtin  # the built-in set is there to show base vs fine-tuned
     try:
         chat = load_chat(args)
+        if builtin:
+            cfg = load_config(Path(args.model_path) / "config.yaml")
+            return heldout_batch(chat, cfg, args.output or Path(args.model_path) / "demo_heldout.jsonl")
         if args.mode == "batch":
             return batch(chat, args.input, args.output, 0 if args.seed is None else args.seed)
         if args.seed is not None:

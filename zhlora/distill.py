@@ -11,12 +11,16 @@ the student also learns which wrong answers the teacher finds nearly right; the 
 keeps that term's gradients on the same scale as the cross-entropy (Hinton et al. 2015).
 
 The teacher is any model source or a run folder (a LoRA or full fine-tune); it must
-share the student's tokenizer, else token i means different things to the two.
+share the student's tokenizer and output layer size (lm_head rows), else token i means
+different things to the two.
 With training.distill_top_k = k > 0 the teacher runs once, before training, over
 the training rows the run will use, and only its top-k logits per answer token are
-kept (on disk, in the output folder), so the teacher need not stay in memory; the
-KL is then taken over those k tokens with the teacher's probabilities renormalised
-among them.
+kept (on disk, in the output folder), so the teacher need not stay in memory: their
+log-probabilities at temperature T and a (k+1)-th "tail" bucket, the probability of every
+other token (1 - sum of the top-k). The student is coarsened to the same k+1 outcomes
+(the teacher's top-k ids and "anything else") and the KL between the two coarsened
+distributions is exact: 0 when the student equals the teacher, and never more than the
+KL of the full distributions (merging outcomes cannot increase a KL).
 """
 from __future__ import annotations
 
@@ -34,10 +38,12 @@ from zhlora.config import Config, ConfigError
 from zhlora.formatting import IGNORE_INDEX
 from zhlora.models import answer_logits
 
+CACHE_FORMAT = "2"  # 2: log_probs with the tail bucket; format 1 (top-k logits, no tail) is made again
+
 
 def distill_loss_sum(student_logits, teacher, labels, alpha: float, temperature: float):
     """(summed loss over supervised tokens, their count) from whole-sequence logits [batch, length,
-    vocab]; teacher = its whole-sequence logits, or (values, indices) [n, k] at the n answer tokens."""
+    vocab]; teacher = its whole-sequence logits, or (log_probs, indices) at the n answer tokens."""
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
     if not isinstance(teacher, tuple):
@@ -47,18 +53,37 @@ def distill_loss_sum(student_logits, teacher, labels, alpha: float, temperature:
 
 def distill_loss_rows(student, teacher, targets, alpha: float, temperature: float):
     """The same from the answer positions only (what models.answer_logits returns): student
-    [n, vocab], teacher [n, vocab] or (values, indices) [n, k], targets [n]."""
+    [n, vocab], teacher [n, vocab] or (log_probs [n, k + 1], indices [n, k]) (teacher_coarse),
+    targets [n]."""
     student = student.float()
     ce_sum = F.cross_entropy(student, targets, reduction="sum")
     log_s = F.log_softmax(student / temperature, dim=-1)
-    if isinstance(teacher, tuple):  # cached top-k: (values [n, k], indices [n, k])
-        values, indices = teacher
-        log_t = F.log_softmax(values.float() / temperature, dim=-1)
-        log_s = log_s.gather(-1, indices)
+    if isinstance(teacher, tuple):  # cached top-k: both models over [top-k ids..., everything else]
+        log_t, indices = teacher
+        log_s = coarse(log_s, indices)
     else:
         log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    kl_sum = (log_t.exp() * (log_t - log_s)).sum()
+    # 0 * log 0 = 0: a token the teacher gives probability 0 (a -inf logit, an empty tail) adds
+    # nothing, where the plain product would be 0 * -inf = NaN.
+    p_t = log_t.exp()
+    kl_sum = torch.where(p_t > 0, p_t * (log_t - log_s), 0.0).sum()
     return alpha * ce_sum + (1 - alpha) * temperature ** 2 * kl_sum, int(targets.numel())
+
+
+def coarse(log_probs, indices):
+    """[n, vocab] log-probabilities -> [n, k + 1]: those of the k ids, then the log of the tail,
+    all the other tokens' mass, summed in log space (1 - sum(top-k) cancels in float32 once the
+    top-k hold nearly all the mass)."""
+    # finfo.min, not -inf: with k = vocab the tail is empty, and logsumexp over all -inf has NaN gradients.
+    tail = log_probs.scatter(-1, indices, torch.finfo(log_probs.dtype).min).logsumexp(-1, keepdim=True)
+    return torch.cat([log_probs.gather(-1, indices), tail], dim=-1)
+
+
+def teacher_coarse(logits, k: int, temperature: float):
+    """(log_probs [n, k + 1], indices [n, k]) of teacher logits [n, vocab] at temperature T: what the
+    cache keeps; the same computation as the student's side of the loss, so equal models give 0."""
+    indices = logits.topk(k, dim=-1).indices
+    return coarse(F.log_softmax(logits.float() / temperature, dim=-1), indices), indices
 
 
 class Distiller:
@@ -72,45 +97,71 @@ class Distiller:
         self.model = self.cache = None
         if t.distill_top_k <= 0:
             self.model = load_teacher(t.distill_teacher, student_tokenizer, device)
+            self.teacher_rows = head_rows(self.model)
             return
         # Only the rows this run will train on: 100 steps x 8 rows need 800 of 1,800.
         # output.overwrite keeps the cache (it costs minutes to make), so it is trusted only
-        # for the same teacher, top-k and training rows.
-        fingerprint = cache_fingerprint(t.distill_teacher, t.distill_top_k, train_samples)
-        self.cache = {}
+        # for the same teacher, top-k, temperature (the log-probs depend on it) and training rows,
+        # and only in this format.
+        fingerprint = cache_fingerprint(t.distill_teacher, t.distill_top_k, train_samples, self.temperature)
+        self.cache, self.teacher_rows = {}, None
         if cache_path.is_file():
             with safe_open(str(cache_path), "pt") as f:
-                same = (f.metadata() or {}).get("fingerprint") == fingerprint
-            if same:
-                self.cache = load_file(str(cache_path))
+                metadata = f.metadata() or {}
+            if metadata.get("fingerprint") == fingerprint and metadata.get("format") == CACHE_FORMAT:
+                self.cache, self.teacher_rows = load_file(str(cache_path)), int(metadata["teacher_rows"])
             else:
-                print(f"[distill] {cache_path} was made for another teacher, top-k or data: making it again")
-        missing = sorted(i for i in needed_ids if f"{i}.values" not in self.cache)
+                print(f"[distill] {cache_path} was made for another teacher, top-k, temperature, data or "
+                      "cache format: making it again")
+        missing = sorted(i for i in needed_ids if f"{i}.log_probs" not in self.cache)
         if missing:  # a first run, or a resumed run asked for more steps than were cached
             teacher = load_teacher(t.distill_teacher, student_tokenizer, device)
+            self.teacher_rows = head_rows(teacher)
             self.cache.update(teacher_top_k(teacher, [train_samples[i] for i in missing], missing,
-                                            student_tokenizer.pad_token_id, t.distill_top_k, device))
+                                            student_tokenizer.pad_token_id, t.distill_top_k, device,
+                                            temperature=self.temperature))
             del teacher  # the teacher's job is done: free its memory
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_path.with_name(cache_path.name + ".tmp")
-            save_file(self.cache, str(tmp), metadata={"fingerprint": fingerprint})
+            save_file(self.cache, str(tmp), metadata={"fingerprint": fingerprint, "format": CACHE_FORMAT,
+                                                      "teacher_rows": str(self.teacher_rows)})
             tmp.replace(cache_path)  # a kill while writing leaves the old cache, never half a file
 
     def loss(self, model, batch: dict, sample_ids: list[int]):
         # Student and teacher only at the answer positions, as compute_loss does.
         student, targets = answer_logits(model, batch, self.head_only)
+        check_head_rows(self.teacher_rows, student.shape[-1])  # before any update: step 1 stops here
         if self.cache is not None:
-            teacher = (torch.cat([self.cache[f"{i}.values"] for i in sample_ids]).to(student.device),
-                       torch.cat([self.cache[f"{i}.indices"] for i in sample_ids]).to(student.device))
+            teacher = tuple(torch.cat([self.cache[f"{i}.{part}"] for i in sample_ids]).to(student.device)
+                            for part in ("log_probs", "indices"))
         else:
             with torch.no_grad():
                 teacher, _ = answer_logits(self.model, batch)
         return distill_loss_rows(student, teacher, targets, self.alpha, self.temperature)
 
 
-def cache_fingerprint(teacher: str, top_k: int, train_samples: list[dict]) -> str:
-    """A hash of what the cached logits depend on: the teacher's files and the training rows."""
-    digest = hashlib.sha256(f"{top_k}".encode())
+def head_rows(model) -> int:
+    """How many vocabulary rows the output layer (lm_head) has: the size of the logits. out_features,
+    not weight.shape: under DeepSpeed ZeRO-3 the weight is a 0-size shard."""
+    from zhlora.models import unwrap
+
+    return unwrap(model).get_output_embeddings().out_features
+
+
+def check_head_rows(teacher_rows: int, student_rows: int) -> None:
+    """Refuses output layers of different sizes: logit i must mean token i in both models."""
+    if teacher_rows != student_rows:
+        raise ConfigError(
+            f"training.distill_teacher: the teacher's lm_head has {teacher_rows} vocabulary rows, the student's "
+            f"{student_rows}; the tokenizers match, but distillation compares the logits row by row, so both "
+            "output layers must have the same size (models pad lm_head differently: Qwen2.5-0.5B has 151936 "
+            "rows, Qwen2.5-7B 152064)")
+
+
+def cache_fingerprint(teacher: str, top_k: int, train_samples: list[dict], temperature: float = 1.0) -> str:
+    """A hash of what the cached logits depend on: the teacher's files, top-k, the temperature
+    (the cached log-probabilities are taken at it) and the training rows."""
+    digest = hashlib.sha256(f"{top_k}|{temperature}".encode())
     path = Path(teacher)
     if path.exists():  # a run or model folder, or a model file: its files as they are now
         path = path.resolve()
@@ -125,7 +176,7 @@ def cache_fingerprint(teacher: str, top_k: int, train_samples: list[dict]) -> st
             from zhlora.models import resolve_model_path
 
             base = load_config(path / "config.yaml").model.name
-            digest.update(cache_fingerprint(resolve_model_path(base), top_k, []).encode())
+            digest.update(cache_fingerprint(resolve_model_path(base), top_k, [], temperature).encode())
     digest.update(f"|{path}".encode())  # a hub id or an embedded model name is known by its name
     for sample in train_samples:
         digest.update(repr((sample["input_ids"], sample["labels"])).encode())
@@ -133,8 +184,9 @@ def cache_fingerprint(teacher: str, top_k: int, train_samples: list[dict]) -> st
 
 
 def teacher_top_k(teacher, samples: list[dict], ids: list[int], pad_id: int, k: int, device,
-                  batch_size: int = 16) -> dict:
-    """{"i.values", "i.indices"}: the teacher's top-k logits at each answer token of sample i."""
+                  batch_size: int = 16, temperature: float = 1.0) -> dict:
+    """{"i.log_probs", "i.indices"} (teacher_coarse) at each answer token of sample i: the teacher's
+    top-k log-probabilities at temperature and the log of its tail bucket, and the top-k ids."""
     out = {}
     # Similar lengths together, so a batch carries little padding; right padding
     # leaves the logits of the real tokens unchanged.
@@ -145,10 +197,11 @@ def teacher_top_k(teacher, samples: list[dict], ids: list[int], pad_id: int, k: 
         with torch.no_grad():
             # The head only at answer positions: (N, vocab), not batch x length x vocab.
             logits, _ = answer_logits(teacher, {k: v.to(device) for k, v in batch.items()})
-        values, indices = logits.float().topk(k, dim=-1)
         counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
-        for j, v, i in zip(chunk, values.split(counts), indices.split(counts)):
-            out[f"{ids[j]}.values"], out[f"{ids[j]}.indices"] = v.cpu(), i.cpu()
+        parts = [part.split(counts) for part in teacher_coarse(logits, k, temperature)]
+        for row, j in enumerate(chunk):
+            for name, pieces in zip(("log_probs", "indices"), parts):
+                out[f"{ids[j]}.{name}"] = pieces[row].cpu()
     return out
 
 

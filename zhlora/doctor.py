@@ -3,7 +3,8 @@
 Prints one rendered sample with its prompt (masked, label -100) and answer
 (trained) tokens told apart, then checks the things that silently ruin a run:
   - the model has a chat template (else the alpaca template is used: say so);
-  - the EOS / end-of-turn token is trained (else the model never learns to stop);
+  - a stop token (EOS or the template's end-of-turn, formatting.stop_ids) is trained
+    (else the model never learns to stop);
   - how many samples data.max_length truncates;
   - the share of supervised tokens (a tiny share means long prompts, short answers).
 """
@@ -13,7 +14,7 @@ import json
 from pathlib import Path
 
 from zhlora.config import Config
-from zhlora.formatting import IGNORE_INDEX, encode_sample, resolve_template
+from zhlora.formatting import IGNORE_INDEX, encode_sample, resolve_template, stop_ids
 from zhlora.models import load_tokenizer
 from zhlora.prepare import token_stats
 from zhlora.tasks import generate_samples
@@ -63,13 +64,15 @@ def run_doctor(cfg: Config, color: bool = False) -> int:
 
     stats = token_stats(rows, tokenizer, cfg)
     share = stats["supervised_tokens"] / max(1, stats["total_tokens"])
-    eos_trained = tokenizer.eos_token_id in [lab for _, lab in trained]
+    stops = stop_ids(tokenizer)  # Qwen2.5 base: EOS <|endoftext|>, end of turn <|im_end|>
+    stop_trained = any(lab in stops for _, lab in trained)
+    stop_names = ", ".join(repr(token) for token in tokenizer.convert_ids_to_tokens(stops))
     truncated = (stats["truncated"] + stats["dropped_prompt_too_long"]) / max(1, len(rows))
     checks = [
         ("chat template present", template == "chat",
          "model has no chat template; the documented alpaca template (templates/alpaca.json) is used"),
-        (f"EOS {tokenizer.eos_token!r} trained", eos_trained,
-         "the end-of-turn token gets label -100: the model will never learn to stop"),
+        (f"stop token trained (one of {stop_names})", stop_trained,
+         "no stop token gets a label: the model will never learn to stop"),
         (f"truncation at data.max_length={cfg.data.max_length}: {truncated:.1%} of {len(rows)} samples",
          truncated <= 0.05, "more than 5% of samples are cut; raise data.max_length"),
         (f"supervised share of tokens: {share:.0%}", share >= 0.05,
@@ -78,4 +81,4 @@ def run_doctor(cfg: Config, color: bool = False) -> int:
     print()
     for name, ok, advice in checks:
         print(f"[{'PASS' if ok else 'WARN'}] {name}" + ("" if ok else f": {advice}"))
-    return 0 if eos_trained else 1  # an untrained EOS is the one that always ruins a run
+    return 0 if stop_trained else 1  # an untrained stop token is the one that always ruins a run

@@ -1,22 +1,27 @@
 """第四步: score a trained run on its held-out test split, beside the base model it started from.
 
-    python training/evaluate.py --model_path outputs [--max_samples 200] [--no_baseline]
+    python training/evaluate.py --model_path outputs [--max_samples 200] [--generate_samples 64] [--no_baseline]
     zhlora evaluate --model_path outputs --batch_size 8 --max_new_tokens 128
     zhlora evaluate --adapters math=runs/math,zh=runs/zh [--output_dir outputs/adapters_eval]
 
 Reads <model_path>/config.yaml and the run's data.test_file (or --test_data, never the
 train file), keeps the first --max_samples rows in file order (rows of data.tasks only,
 when the run was trained on a subset). Then, for the fine-tuned model and the base model:
-  1. prompts from formatting.encode_prompt: the very ids training saw before each answer;
-  2. greedy batched generation (generation.generate);
-  3. per-sample scores and their means, as metrics.py defines them;
-  4. test loss over the same rows' supervised tokens with train.compute_loss.
+  1. teacher forcing, every row (teacher_forced): one forward pass over prompt + reference says
+     whether greedy decoding would write the reference and stop (exact_match of the tasks with
+     one right answer), and gives the test loss over the supervised tokens;
+  2. greedy batched generation (generation.generate) of the first --generate_samples rows (64 on
+     the command line, all in evaluate_run by default) and of every row teacher forcing cannot score (self_cognition, open answers),
+     prompts from formatting.encode_prompt, the very ids training saw before each answer;
+  3. per-sample scores and their means, as metrics.py defines them; forced_vs_generated counts
+     the generated rows on which both ways of scoring exact match agree.
 For a LoRA run the base model is the same loaded model with its adapter switched off
 (`model.disable_adapter()`), so nothing loads twice; a full fine-tune loads the base anew.
 
 Writes, each atomically (temp file + os.replace):
-  <model_path>/evaluation_results.json  headline metrics, ci, per_task, baseline, delta,
-                                        config, versions, settings, definitions
+  <model_path>/evaluation_results.json  headline metrics, ci, per_task, baseline, delta, delta_ci,
+                                        config, versions, settings, definitions, seconds (the
+                                        whole evaluation, model load included)
   <model_path>/predictions.jsonl        one row per sample: prompt, reference, predictions, scores
 
 --adapters (task adapters: name=path, or a bare path named after its folder; repeat the flag
@@ -32,6 +37,7 @@ distinct row set. Written to --output_dir (runs are left untouched):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -39,21 +45,27 @@ import platform
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from zhlora import metrics
 from zhlora.batching import collate_padded
 from zhlora.config import Config, ConfigError, load_config
-from zhlora.formatting import encode_prompt, encode_sample
-from zhlora.generation import generate, load_adapters, load_base, load_run
+from zhlora.formatting import IGNORE_INDEX, encode_prompt, encode_sample, prompt_is_truncated, stop_ids
+from zhlora.generation import decoding_settings, generate, load_adapters, load_base, load_run
+from zhlora.models import answer_logits
 from zhlora.safety import adapter_name_problem
-from zhlora.train import compute_loss
+from zhlora.tasks import CHECKABLE_TASKS
 
 RESULTS_FILE, PREDICTIONS_FILE = "evaluation_results.json", "predictions.jsonl"
 ADAPTERS_OUTPUT_DIR = "outputs/adapters_eval"
 DELTA_METRICS = [*metrics.HEADLINE, "test_loss", "perplexity"]
+# Generation is one forward pass per new token, teacher forcing one per row: the command line
+# generates this many rows for examples, similarity and ROUGE, and scores every row by forcing.
+GENERATE_SAMPLES = 64
 
 
 def check_test_file(test_file: str | Path, cfg: Config) -> Path:
@@ -84,34 +96,107 @@ def read_test_rows(path: Path, cfg: Config, max_samples: int | None) -> list[dic
     return rows
 
 
+# Tasks scored by teacher forcing: their reference is the one right answer, token for token.
+# self_cognition is not (any wording that names the assistant and its maker passes), so its
+# rows are always generated; open_qa and user data have no exact answer at all.
+FORCED_TASKS = CHECKABLE_TASKS - {"self_cognition"}
+
+
 @torch.no_grad()
-def test_loss(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int) -> float | None:
-    """Mean cross-entropy per supervised token (the tokens training learned: answers and stop tokens).
+def teacher_forced(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int):
+    """(per-row greedy match, test loss): one forward pass per batch, no generation.
 
-    Rows whose answer does not survive data.max_length are skipped, as training skips them.
+    Greedy decoding reproduces a reference exactly when, given the reference's own prefix,
+    every reference token and the stop token after it are the model's argmax: then step by
+    step greedy picks exactly those tokens and stops. So one forward pass over prompt +
+    reference answers "would greedy generation write this answer?" for every row, at the
+    cost of one training forward; generation needs one pass per new token. The match is
+    None for rows whose answer does not survive data.max_length (training skips them too).
+    The same pass gives the test loss: mean cross-entropy per answer token (stop token included).
     """
-    samples = [s for s in (encode_sample(r, tokenizer, cfg.model.template, cfg.data.max_length,
-                                         cfg.data.train_on_prompt) for r in rows) if s is not None]
+    # answer tokens only, even after data.train_on_prompt: greedy decoding is asked for the answer
+    samples = [encode_sample(r, tokenizer, cfg.model.template, cfg.data.max_length) for r in rows]
+    stop = set(stop_ids(tokenizer))
+    matches: list[bool | None] = [None] * len(rows)
+    per_row, loss_sum, tokens = forced_argmax(model, tokenizer, samples, batch_size)
+    for i, (targets, hits) in per_row.items():
+        # up to and including the first stop token: generation ends there (a "\n" after it is never generated)
+        end = next((k + 1 for k, t in enumerate(targets) if t in stop), len(targets))
+        matches[i] = all(hits[:end])
+    return matches, (loss_sum / tokens if tokens else None)
+
+
+@torch.no_grad()
+def forced_argmax(model, tokenizer, samples: list[dict | None], batch_size: int):
+    """({row: (supervised target ids, is each the argmax given the reference prefix)}, loss sum, token count)
+    for the encode_sample results that are not None."""
+    kept = [i for i, s in enumerate(samples) if s is not None]
     device = next(model.parameters()).device
-    loss_sum, tokens = 0.0, 0
-    for start in range(0, len(samples), batch_size):
-        batch = collate_padded(samples[start:start + batch_size], tokenizer.pad_token_id)
-        batch_sum, n = compute_loss(model, {k: v.to(device) for k, v in batch.items()})
-        loss_sum, tokens = loss_sum + batch_sum.item(), tokens + n
-    return loss_sum / tokens if tokens else None
+    per_row, loss_sum, tokens = {}, 0.0, 0
+    for start in range(0, len(kept), batch_size):
+        chunk = kept[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate_padded([samples[i] for i in chunk], tokenizer.pad_token_id).items()}
+        logits, targets = answer_logits(model, batch)  # supervised positions only, row by row
+        loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+        tokens += targets.numel()
+        hits, targets = (logits.argmax(-1) == targets).tolist(), targets.tolist()
+        offset = 0
+        for i, n in zip(chunk, (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()):
+            per_row[i] = (targets[offset:offset + n], hits[offset:offset + n])
+            offset += n
+    return per_row, loss_sum, tokens
 
 
-def score_model(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int, max_new_tokens: int):
-    """(prompts, generations, per-sample scores, summary) of one model on the test rows."""
-    prompts = [encode_prompt(row, tokenizer, cfg.model.template) for row in rows]
-    generations = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    scores = [metrics.score_sample(row.get("task") or "user", g.text, row["output"], g.finished, len(g.token_ids),
-                                   g.seconds) for row, g in zip(rows, generations)]
+def generation_rows(rows: list[dict], generate_samples: int | None) -> list[int]:
+    """Which rows get a real generation: the first generate_samples rows (all when None) and every
+    row that teacher forcing cannot score (self_cognition, open answers)."""
+    limit = len(rows) if generate_samples is None else generate_samples
+    return [i for i, row in enumerate(rows) if i < limit or row.get("task") not in FORCED_TASKS]
+
+
+def score_model(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int, max_new_tokens: int,
+                generate_samples: int | None = None):
+    """(prompts, generations, per-sample scores, summary) of one model on the test rows.
+
+    exact_match of a FORCED_TASKS row is the teacher-forced match (every row); a generated row
+    also records generated_exact_match, the check of its generated text, and the summary says
+    how often the two agree. Similarity, BLEU, ROUGE, length and success_rate come from the
+    generated rows only; prompts and generations are None for rows not generated.
+    """
+    forced, loss = teacher_forced(model, tokenizer, rows, cfg, batch_size)
+    chosen = generation_rows(rows, generate_samples)
+    prompts: list = [None] * len(rows)
+    generations: list = [None] * len(rows)
+    for i in chosen:  # a prompt longer than training ever saw is cut as training cuts it (and counted)
+        prompts[i] = encode_prompt(rows[i], tokenizer, cfg.model.template, cfg.data.max_length)
+    truncated = sum(prompt_is_truncated(rows[i], tokenizer, cfg.model.template, cfg.data.max_length) for i in chosen)
+    for i, g in zip(chosen, generate(model, tokenizer, [prompts[i] for i in chosen],
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size)):
+        generations[i] = g
+    scores = [score_row(row, g, f) for row, g, f in zip(rows, generations, forced)]
     summary = metrics.summarize(scores)
-    loss = test_loss(model, tokenizer, rows, cfg, batch_size)
+    agree = [s["exact_match"] == s["generated_exact_match"] for s in scores
+             if s.get("generated_exact_match") is not None and s["exact_match"] is not None]
     summary = {**{k: summary[k] for k in metrics.HEADLINE}, "test_loss": loss,
-               "perplexity": None if loss is None else metrics.perplexity(loss), **summary}  # headline keys first
+               "perplexity": None if loss is None else metrics.perplexity(loss), **summary,  # headline keys first
+               "num_generated": len(chosen), "prompts_truncated": truncated,
+               "forced_vs_generated": {"rows": len(agree), "agree": sum(agree)}}
     return prompts, generations, scores, summary
+
+
+def score_row(row: dict, generation, forced: bool | None) -> dict:
+    """score_sample of a generated row; exact_match from teacher forcing where that applies."""
+    task = row.get("task") or "user"
+    if generation is None:
+        score = {key: None for key in metrics.score_sample(task, "", row["output"], False, 0, 0.0)}
+        score["task"] = task
+    else:
+        score = metrics.score_sample(task, generation.text, row["output"], generation.finished,
+                                     len(generation.token_ids), generation.seconds)
+        score["generated_exact_match"] = score["exact_match"] if task in FORCED_TASKS else None
+    if task in FORCED_TASKS:
+        score["exact_match"] = forced
+    return score
 
 
 def read_run(model_path: str | Path, test_data: str | Path | None, max_samples: int | None):
@@ -124,24 +209,30 @@ def read_run(model_path: str | Path, test_data: str | Path | None, max_samples: 
     return run_cfg, test_path, read_test_rows(test_path, run_cfg, max_samples)
 
 
-def add_baseline(results: dict, base_summary: dict) -> None:
+def add_baseline(results: dict, base_summary: dict, scores: list[dict], base_scores: list[dict]) -> None:
     results["baseline"] = base_summary
     results["delta"] = {k: None if results[k] is None or base_summary[k] is None else results[k] - base_summary[k]
                         for k in DELTA_METRICS}
+    # both models answered the same rows: the delta's interval comes from the per-row differences
+    results["delta_ci"] = metrics.delta_ci(scores, base_scores)
 
 
 def evaluate_run(model_path: str | Path, max_samples: int | None = None, batch_size: int = 8,
                  max_new_tokens: int = 128, test_data: str | Path | None = None, baseline: bool = True,
-                 device: str | None = None) -> dict:
+                 device: str | None = None, generate_samples: int | None = None) -> dict:
     """Evaluate a run folder, write evaluation_results.json and predictions.jsonl, return the results."""
     from peft import PeftModel
 
+    began = time.perf_counter()
     model_path = Path(model_path)
     run_cfg, test_path, rows = read_run(model_path, test_data, max_samples)
     model, tokenizer, cfg = load_run(model_path, device)
-    print(f"[evaluate] {len(rows)} rows of {test_path}, greedy, batch {batch_size}, "
+    print(f"[evaluate] {len(rows)} rows of {test_path} (teacher-forced exact match), generating "
+          f"{len(generation_rows(rows, generate_samples))} of them: greedy, batch {batch_size}, "
           f"max_new_tokens {max_new_tokens}, device {next(model.parameters()).device}")
-    prompts, tuned, scores, results = score_model(model, tokenizer, rows, cfg, batch_size, max_new_tokens)
+    score = functools.partial(score_model, rows=rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              generate_samples=generate_samples)
+    prompts, tuned, scores, results = score(model, tokenizer, cfg=cfg)
     used_device = str(next(model.parameters()).device)
     base = None
     if baseline:
@@ -149,7 +240,7 @@ def evaluate_run(model_path: str | Path, max_samples: int | None = None, batch_s
                                                          else f"{run_cfg.model.name}"))
         if isinstance(model, PeftModel):
             with model.disable_adapter():
-                _, base, _, base_summary = score_model(model, tokenizer, rows, cfg, batch_size, max_new_tokens)
+                _, base, base_scores, base_summary = score(model, tokenizer, cfg=cfg)
         else:  # a full fine-tune: free it, then load the weights it started from
             del model
             if torch.cuda.is_available():
@@ -157,15 +248,16 @@ def evaluate_run(model_path: str | Path, max_samples: int | None = None, batch_s
             if device:
                 run_cfg.model.device = device
             base_model, base_tokenizer = load_base(run_cfg)
-            _, base, _, base_summary = score_model(base_model, base_tokenizer, rows, run_cfg, batch_size,
-                                                   max_new_tokens)
-        add_baseline(results, base_summary)
+            _, base, base_scores, base_summary = score(base_model, base_tokenizer, cfg=run_cfg)
+        add_baseline(results, base_summary, scores, base_scores)
 
     results.update(config=run_cfg.to_dict(), versions=_versions(),
                    settings={"batch_size": batch_size, "max_new_tokens": max_new_tokens, "decoding": "greedy",
-                             "test_data": str(test_path), "max_samples": max_samples, "device": used_device},
-                   definitions=metrics.DEFINITIONS)
-    lines = prediction_rows(rows, [tokenizer.decode(p) for p in prompts], tuned, scores, base)
+                             "generation_config": decoding_settings(),
+                             "test_data": str(test_path), "max_samples": max_samples,
+                             "generate_samples": generate_samples, "device": used_device},
+                   definitions=metrics.DEFINITIONS, seconds=round(time.perf_counter() - began, 1))
+    lines = prediction_rows(rows, [p and tokenizer.decode(p) for p in prompts], tuned, scores, base)
     _write_atomic(model_path / PREDICTIONS_FILE, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     _write_atomic(model_path / RESULTS_FILE, json.dumps(_finite(results), indent=2, ensure_ascii=False) + "\n")
     return results
@@ -195,7 +287,8 @@ def parse_adapters(values: list[str]) -> list[tuple[str, Path]]:
 
 def evaluate_adapters(adapters: list[tuple[str, Path]], output_dir: str | Path = ADAPTERS_OUTPUT_DIR,
                       max_samples: int | None = None, batch_size: int = 8, max_new_tokens: int = 128,
-                      test_data: str | Path | None = None, baseline: bool = True, device: str | None = None) -> dict:
+                      test_data: str | Path | None = None, baseline: bool = True, device: str | None = None,
+                      generate_samples: int | None = None) -> dict:
     """Score each (name, run folder) adapter on its own run's tasks, all in one loaded model; write
     evaluation_results.json and predictions.jsonl into output_dir and return the results."""
     runs = {name: read_run(path, test_data, max_samples) for name, path in adapters}  # a bad folder fails here
@@ -207,7 +300,9 @@ def evaluate_adapters(adapters: list[tuple[str, Path]], output_dir: str | Path =
         model.set_adapter(name)
         print(f"[evaluate] adapter {name}: {len(rows)} rows of {test_path} "
               f"(data.tasks={run_cfg.data.tasks or 'all'}), device {used_device}")
-        prompts, tuned, scores, summary = score_model(model, tokenizer, rows, run_cfg, batch_size, max_new_tokens)
+        score = functools.partial(score_model, model, tokenizer, rows, run_cfg, batch_size, max_new_tokens,
+                                  generate_samples)
+        prompts, tuned, scores, summary = score()
         base = None
         if baseline:  # the same rows and prompts give the same base scores: score them once
             key = (str(test_path), tuple(sorted(run_cfg.data.tasks)), run_cfg.model.template,
@@ -215,18 +310,19 @@ def evaluate_adapters(adapters: list[tuple[str, Path]], output_dir: str | Path =
             if key not in base_runs:
                 print("[evaluate] baseline: the base model (every adapter disabled)")
                 with model.disable_adapter():
-                    base_runs[key] = score_model(model, tokenizer, rows, run_cfg, batch_size, max_new_tokens)[1::2]
-            base, base_summary = base_runs[key]
-            add_baseline(summary, base_summary)
+                    base_runs[key] = score()[1:]
+            base, base_scores, base_summary = base_runs[key]
+            add_baseline(summary, base_summary, scores, base_scores)
         results[name] = {"path": str(path), "tasks": list(run_cfg.data.tasks), "test_data": str(test_path),
                          **summary, "config": run_cfg.to_dict()}
         lines += [{"adapter": name, **line}
-                  for line in prediction_rows(rows, [tokenizer.decode(p) for p in prompts], tuned, scores, base)]
+                  for line in prediction_rows(rows, [p and tokenizer.decode(p) for p in prompts], tuned, scores, base)]
 
     first_cfg = runs[adapters[0][0]][0]
     results = {"adapters": results, "base_model": first_cfg.model.name, "versions": _versions(),
                "settings": {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "decoding": "greedy",
-                            "max_samples": max_samples, "device": used_device},
+                            "generation_config": decoding_settings(),
+                            "max_samples": max_samples, "generate_samples": generate_samples, "device": used_device},
                "definitions": metrics.DEFINITIONS}
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -235,16 +331,18 @@ def evaluate_adapters(adapters: list[tuple[str, Path]], output_dir: str | Path =
     return results
 
 
-def prediction_rows(rows, prompts: list[str], tuned, scores, base=None) -> list[dict]:
-    """One predictions.jsonl row per test sample, in file order."""
+def prediction_rows(rows, prompts: list, tuned, scores, base=None) -> list[dict]:
+    """One predictions.jsonl row per test sample, in file order; prompt, prediction and the
+    generated scores are null for a row that was scored by teacher forcing alone."""
     lines = []
     for k, (row, g, s) in enumerate(zip(rows, tuned, scores)):
         line = {"instruction": row["instruction"], "input": row.get("input", ""), "task": s["task"],
-                "prompt": prompts[k], "reference": row["output"], "prediction": g.text}
+                "prompt": prompts[k], "reference": row["output"], "prediction": g and g.text}
         if base is not None:
-            line["baseline_prediction"] = base[k].text
-        line.update(finished=g.finished, exact_match=s["exact_match"], similarity=s["similarity"],
-                    rouge_l=s["rouge_l"], bleu_4=s["bleu_4"], generation_time=g.seconds)
+            line["baseline_prediction"] = base[k] and base[k].text
+        line.update(finished=g and g.finished, exact_match=s["exact_match"],
+                    generated_exact_match=s.get("generated_exact_match"), similarity=s["similarity"],
+                    rouge_l=s["rouge_l"], bleu_4=s["bleu_4"], generation_time=g and g.seconds)
         lines.append(_finite(line))
     return lines
 
@@ -289,18 +387,33 @@ def _cell(value, width: int = 11) -> str:
 
 
 def print_table(results: dict) -> None:
-    base, delta = results.get("baseline", {}), results.get("delta", {})
-    print(f"\n{'metric':<20}{'fine-tuned':>11}{'baseline':>11}{'delta':>11}   95% CI (fine-tuned)")
+    base, delta, delta_ci = results.get("baseline", {}), results.get("delta", {}), results.get("delta_ci", {})
+    # the label goes last: Chinese characters are double width and would break the columns
+    print(f"\n{'metric':<20}{'fine-tuned':>11}{'baseline':>11}{'delta':>11}   {'95% CI (fine-tuned)':<20}   "
+          f"{'95% CI (delta, paired)':<22}   meaning")
     for key in DELTA_METRICS:
-        ci = results["ci"].get(key)
+        ci, dci = results["ci"].get(key), delta_ci.get(key)
         ci_text = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-        print(f"{key:<20}{_cell(results[key])}{_cell(base.get(key))}{_cell(delta.get(key))}   {ci_text}")
+        dci_text = f"[{dci[0]:+.4f}, {dci[1]:+.4f}]" if dci else ""
+        print(f"{key:<20}{_cell(results[key])}{_cell(base.get(key))}{_cell(delta.get(key))}   {ci_text:<20}   "
+              f"{dci_text:<22}   {metrics.metric_label(key, with_key=False)}")
+    agree = results.get("forced_vs_generated", {})
+    if agree.get("rows"):
+        print(f"teacher-forced vs generated exact match: {agree['agree']}/{agree['rows']} generated rows agree")
+    print_per_task(results)
+
+
+def print_per_task(results: dict) -> None:
+    """n, base -> fine-tuned exact match and the fine-tuned 95% Wilson interval, one line per task."""
+    base = results.get("baseline", {})
     checkable = {t: row for t, row in results["per_task"].items() if "exact_match" in row}
     if checkable:
-        print(f"\n{'exact match by task':<20}{'n':>5}{'fine-tuned':>11}{'baseline':>11}")
+        print(f"\n{'exact match by task':<20}{'n':>5}{'baseline':>11}{'fine-tuned':>11}   95% CI (fine-tuned)")
         for task, row in checkable.items():
-            base_row = base.get("per_task", {}).get(task, {})
-            print(f"{task:<20}{row['n']:>5}{_cell(row['exact_match'])}{_cell(base_row.get('exact_match'))}")
+            base_row, ci = base.get("per_task", {}).get(task, {}), row.get("exact_match_ci")
+            apart = "   (scored apart)" if task in metrics.SCORED_APART else ""
+            print(f"{task:<20}{row['n']:>5}{_cell(base_row.get('exact_match'))}{_cell(row['exact_match'])}   "
+                  + (f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + apart)
 
 
 def print_adapters_table(results: dict) -> None:
@@ -330,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_samples", type=int, default=None, help="the first N test rows (default: all)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--generate_samples", type=int, default=GENERATE_SAMPLES,
+                        help="generate only the first N rows (and every self_cognition or open row); exact match "
+                             f"of every row comes from teacher forcing (default: {GENERATE_SAMPLES}; -1: all rows)")
     parser.add_argument("--test_data", default=None, help="a JSON array of alpaca rows (default: data.test_file)")
     parser.add_argument("--no_baseline", action="store_true", help="skip the base model")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda[:N] (default: the run's model.device)")
@@ -342,10 +458,12 @@ def main(argv: list[str] | None = None) -> int:
     from zhlora.models import ModelSourceError
 
     args = build_parser().parse_args(argv)
-    for name in ("max_samples", "batch_size", "max_new_tokens"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            print(f"zhlora evaluate: error: --{name} must be >= 1", file=sys.stderr)
+    for name in ("max_samples", "batch_size", "max_new_tokens", "generate_samples"):
+        least = -1 if name == "generate_samples" else 1
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            print(f"zhlora evaluate: error: --{name} must be >= {least}", file=sys.stderr)
             return 2
+    generate_samples = None if args.generate_samples == -1 else args.generate_samples
     if args.adapters and args.model_path:
         print("zhlora evaluate: error: give --model_path (one run) or --adapters (several), not both", file=sys.stderr)
         return 2
@@ -357,10 +475,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.adapters:
             results = evaluate_adapters(parse_adapters(args.adapters), out, args.max_samples, args.batch_size,
-                                        args.max_new_tokens, args.test_data, not args.no_baseline, args.device)
+                                        args.max_new_tokens, args.test_data, not args.no_baseline, args.device,
+                                        generate_samples)
         else:
             results = evaluate_run(out, args.max_samples, args.batch_size, args.max_new_tokens,
-                                   args.test_data, not args.no_baseline, args.device)
+                                   args.test_data, not args.no_baseline, args.device, generate_samples)
     except (ConfigError, DataError, ModelSourceError, TemplateError, FileNotFoundError) as err:
         print(f"zhlora evaluate: error: {err}", file=sys.stderr)
         return 2

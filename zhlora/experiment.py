@@ -68,7 +68,9 @@ TRAIN_SAMPLES = "train_samples"  # the grid key the experiment itself handles
 QUALITY = ["exact_match", "success_rate", "avg_similarity", "rouge_l", "test_loss"]  # mean and std over seeds
 COSTS = ["trainable_params", "seconds_per_step", "supervised_tokens_per_s", "peak_memory_mb", "adapter_size_mb",
          "model_size_mb"]  # from train_summary.json, mean over seeds
-EVALUATE_DEFAULTS = {"max_samples": 48, "max_new_tokens": 48, "batch_size": 16, "baseline": False}
+# generate_samples: None generates every row; N generates N (exact match of the rest: teacher forcing)
+EVALUATE_DEFAULTS = {"max_samples": 48, "max_new_tokens": 48, "batch_size": 16, "baseline": False,
+                     "generate_samples": None}
 TOP_KEYS = ["base_config", "overrides", "grid", "seeds", "evaluate", "baseline_only"]
 SET_BY_THE_SWEEP = {"training.seed": "list them in seeds", "output.dir": "use --output_dir",
                     "training.resume": "a run with checkpoints always resumes",
@@ -139,8 +141,10 @@ def _check_evaluate(path: Path, evaluate: dict) -> dict:
             raise ConfigError(f"{path}: evaluate: {key}: unknown key; expected {', '.join(EVALUATE_DEFAULTS)}")
         if key == "baseline" and not isinstance(value, bool):
             raise ConfigError(f"{path}: evaluate: baseline: {value!r} must be true or false")
-        if key != "baseline" and not (isinstance(value, int) and value >= 1 or key == "max_samples" and value is None):
-            raise ConfigError(f"{path}: evaluate: {key}: {value!r} must be a whole number >= 1")
+        least = 0 if key == "generate_samples" else 1  # 0: teacher forcing alone (self_cognition still generates)
+        optional = key in ("max_samples", "generate_samples") and value is None
+        if key != "baseline" and not (isinstance(value, int) and value >= least or optional):
+            raise ConfigError(f"{path}: evaluate: {key}: {value!r} must be a whole number >= {least}")
     return {**EVALUATE_DEFAULTS, **evaluate}
 
 
@@ -269,7 +273,8 @@ def evaluation_is_current(path: Path, settings: dict) -> bool:
         return False
     results = json.loads(path.read_text(encoding="utf-8"))
     done = results.get("settings", {})
-    return all(done.get(k) == settings[k] for k in ("max_samples", "max_new_tokens", "batch_size")) and (
+    return all(done.get(k) == settings[k] for k in ("max_samples", "max_new_tokens", "batch_size",
+                                                     "generate_samples")) and (
         "baseline" in results) == settings["baseline"]
 
 

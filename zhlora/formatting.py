@@ -25,6 +25,9 @@ from pathlib import Path
 
 IGNORE_INDEX = -100  # the label value torch's cross_entropy skips
 TEMPLATE_DIR = Path(__file__).parent / "templates"
+# End-of-turn tokens of common chat templates: ChatML (Qwen, SmolLM2), Llama 3, Gemma. They can
+# differ from EOS: Qwen2.5 base has EOS <|endoftext|> but ends each ChatML turn with <|im_end|>.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 
 
 class TemplateError(ValueError):
@@ -93,6 +96,20 @@ def _segments(messages: list[dict], tokenizer, template: str):
         yield prompt[len(rendered):], False
 
 
+def stop_ids(tokenizer) -> list[int]:
+    """The ids that end an answer: EOS and each end-of-turn token the vocabulary has (sorted).
+
+    Training appends EOS only to an answer that has none of them, generation stops at any of
+    them, and `zhlora doctor` checks that one is trained.
+    """
+    ids = {tokenizer.eos_token_id}
+    for token in END_OF_TURN_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return sorted(i for i in ids if i is not None)
+
+
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -101,13 +118,22 @@ def _encode(messages: list[dict], tokenizer, template: str) -> tuple[list[int], 
     """Token ids of a conversation and, per token, whether it belongs to an answer."""
     ids: list[int] = []
     is_answer: list[bool] = []
+    stops = set(stop_ids(tokenizer))
     for text, answer in _segments(messages, tokenizer, resolve_template(tokenizer, template)):
         segment = _ids(tokenizer, text)
-        if answer and tokenizer.eos_token_id not in segment:
-            segment.append(tokenizer.eos_token_id)  # always train the stop token
+        if answer and stops.isdisjoint(segment):
+            segment.append(tokenizer.eos_token_id)  # always train a stop token, and only one
         ids += segment
         is_answer += [answer] * len(segment)
     return ids, is_answer
+
+
+def _final_answer_start(is_answer: list[bool]) -> int:
+    """Index of the final answer's first token (a training sample ends with it); the length if none."""
+    start = len(is_answer)
+    while start and is_answer[start - 1]:
+        start -= 1
+    return start
 
 
 def encode_sample(sample: dict, tokenizer, template: str = "auto", max_length: int = 512,
@@ -116,27 +142,54 @@ def encode_sample(sample: dict, tokenizer, template: str = "auto", max_length: i
 
     Labels are -100 on prompt tokens (unless train_on_prompt) and equal to the
     input ids on answer tokens, end-of-turn included. If a template's answer lacks
-    the EOS token, EOS is appended. Longer than max_length: cut from the right;
-    if no answer token survives the cut, returns None (the caller counts it).
+    every stop token (stop_ids), EOS is appended. Longer than max_length: cut from the
+    right; if no token of the final answer survives the cut, returns None (the caller
+    counts it): a multi-turn sample is not kept for an earlier answer alone.
     """
     ids, is_answer = _encode(to_messages(sample), tokenizer, template)
-    labels = [i if (answer or train_on_prompt) else IGNORE_INDEX for i, answer in zip(ids, is_answer)]
-    ids, labels, is_answer = ids[:max_length], labels[:max_length], is_answer[:max_length]
-    if not any(is_answer):
+    if _final_answer_start(is_answer) >= min(max_length, len(ids)):
         return None
-    return {"input_ids": ids, "labels": labels}
+    labels = [i if (answer or train_on_prompt) else IGNORE_INDEX for i, answer in zip(ids, is_answer)]
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
 
-def encode_prompt(sample_or_messages, tokenizer, template: str = "auto") -> list[int]:
-    """Prompt ids for generation: the same segments as training, minus the answer.
-
-    Takes an alpaca sample (its `output` is ignored) or chat messages ending with a
-    user turn (the demo's and the server's multi-turn history).
-    """
+def _prompt_messages(sample_or_messages) -> list[dict]:
     if isinstance(sample_or_messages, dict):
         messages = to_messages({**sample_or_messages, "output": None})
     else:
         messages = list(sample_or_messages)
     if not messages or messages[-1]["role"] != "user":
         raise ValueError("the conversation to answer must end with a user message")
-    return _encode(messages, tokenizer, template)[0]
+    return messages
+
+
+def _assistant_header(messages: list[dict], tokenizer, template: str) -> list[int]:
+    """Ids of the text that opens the assistant's turn (what every prompt ends with)."""
+    if resolve_template(tokenizer, template) == "alpaca":
+        return _ids(tokenizer, load_template("alpaca")["assistant_header"])
+    opened = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    closed = tokenizer.apply_chat_template(messages, tokenize=False)
+    return _ids(tokenizer, opened[len(closed):]) if opened.startswith(closed) else []
+
+
+def encode_prompt(sample_or_messages, tokenizer, template: str = "auto", max_length: int | None = None) -> list[int]:
+    """Prompt ids for generation: the same segments as training, minus the answer.
+
+    Takes an alpaca sample (its `output` is ignored) or chat messages ending with a
+    user turn (the demo's and the server's multi-turn history). With max_length (the
+    run's data.max_length), a prompt training could not have kept is cut as training
+    cuts, from the right, to max_length - 1 tokens (training keeps a sample only when an
+    answer token fits), and the assistant header is put back at its end so the answer
+    starts where every trained answer started. prompt_is_truncated tells which were cut.
+    """
+    messages = _prompt_messages(sample_or_messages)
+    ids = _encode(messages, tokenizer, template)[0]
+    if max_length is None or len(ids) < max_length:
+        return ids
+    header = _assistant_header(messages, tokenizer, template)  # [] if the template cannot say: a plain cut
+    return ids[:max(0, max_length - 1 - len(header))] + header
+
+
+def prompt_is_truncated(sample_or_messages, tokenizer, template: str = "auto", max_length: int = 512) -> bool:
+    """Whether encode_prompt(..., max_length) cuts this prompt (it has max_length tokens or more)."""
+    return len(_encode(_prompt_messages(sample_or_messages), tokenizer, template)[0]) >= max_length

@@ -10,7 +10,9 @@ Prompts always come from formatting.encode_prompt, the function training used.
 
 Batched generation pads on the left (so every prompt ends where generation starts),
 sorts prompts by length (less padding) and uses the KV cache. Greedy by default, so
-results are deterministic and batching does not change the text.
+results are deterministic and batching does not change the text. Greedy means argmax and
+nothing else: an explicit GenerationConfig (decoding_settings) switches off what a model's
+generation_config.json may ship (repetition_penalty, no_repeat_ngram_size, top_k, ...).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 
 from zhlora import safety
 from zhlora.config import Config, load_config
+from zhlora.formatting import stop_ids
 from zhlora.models import load_model, load_tokenizer, pick_device
 
 
@@ -101,18 +104,43 @@ def load_base(cfg: Config):
     return model.eval(), tokenizer
 
 
-def _sampling_kwargs(do_sample: bool, temperature: float, top_p: float) -> dict:
+# Every logits processor that can change the next token, at its "off" value. transformers fills a
+# GenerationConfig's unset (None) fields from the model's generation_config.json, so greedy must
+# say each one: Qwen2.5-Instruct ships repetition_penalty 1.05-1.1, top_k 20, top_p 0.8.
+# (min_new_tokens=0 also resets min_length: transformers lets min_new_tokens take precedence.)
+NEUTRAL = {"num_beams": 1, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+           "encoder_no_repeat_ngram_size": 0, "length_penalty": 1.0, "min_new_tokens": 0, "guidance_scale": 1.0,
+           "renormalize_logits": False, "remove_invalid_values": False}
+# Sampling only: top_k=0 and min_p=0 switch those filters off, so only temperature and top_p shape sampling.
+NEUTRAL_SAMPLING = {"top_k": 0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+# Settings whose only "off" value is None, which transformers would fill from the model: refused instead.
+UNSWITCHABLE = ("bad_words_ids", "sequence_bias", "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
+                "begin_suppress_tokens", "exponential_decay_length_penalty", "watermarking_config", "top_h",
+                "dola_layers", "penalty_alpha", "stop_strings", "max_time")
+
+
+def decoding_settings(do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9) -> dict:
+    """The settings that choose each next token, as a plain dict (evaluation records it): greedy
+    (argmax, nothing else) or sampling with temperature and top_p only."""
     if not do_sample:
-        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+        return {"do_sample": False, **NEUTRAL}
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p, **NEUTRAL, **NEUTRAL_SAMPLING}
 
 
-def _stop_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return sorted(i for i in ids if i is not None)
+def generation_config(model, tokenizer, max_new_tokens: int, do_sample: bool = False, temperature: float = 0.7,
+                      top_p: float = 0.9):
+    """The whole transformers.GenerationConfig for model.generate: decoding_settings, the stop ids,
+    the budget. Refuses a model whose generation_config sets something only its absence switches off."""
+    from transformers import GenerationConfig
+
+    shipped = getattr(model, "generation_config", None)
+    set_there = [name for name in UNSWITCHABLE if getattr(shipped, name, None) is not None]
+    if set_there:
+        raise ValueError(f"the model's generation_config sets {', '.join(set_there)}, which would change "
+                         f"{'sampling' if do_sample else 'greedy decoding'}; clear it "
+                         f"(model.generation_config.{set_there[0]} = None, or edit generation_config.json)")
+    return GenerationConfig(**decoding_settings(do_sample, temperature, top_p), max_new_tokens=max_new_tokens,
+                            eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, use_cache=True)
 
 
 @torch.no_grad()
@@ -120,7 +148,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 1
              do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> list[Generation]:
     """Answers for many prompts (token ids), in the order given."""
     device = next(model.parameters()).device
-    stop = _stop_ids(tokenizer)
+    config = generation_config(model, tokenizer, max_new_tokens, do_sample, temperature, top_p)
+    stop = config.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
     torch.manual_seed(seed)
@@ -133,9 +162,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 1
             ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]):] = 1
         began = time.perf_counter()
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                             **_sampling_kwargs(do_sample, temperature, top_p))
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
         seconds = (time.perf_counter() - began) / len(chunk)
         for row, i in enumerate(chunk):
             new = out[row, width:].tolist()
@@ -156,9 +183,8 @@ def stream(model, tokenizer, prompt: list[int], max_new_tokens: int = 256, do_sa
     if seed is not None:
         torch.manual_seed(seed)
     kwargs = dict(input_ids=torch.tensor([prompt], device=device), attention_mask=torch.ones(
-        (1, len(prompt)), dtype=torch.long, device=device), max_new_tokens=max_new_tokens,
-        eos_token_id=_stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, streamer=streamer,
-        **_sampling_kwargs(do_sample, temperature, top_p))
+        (1, len(prompt)), dtype=torch.long, device=device), streamer=streamer,
+        generation_config=generation_config(model, tokenizer, max_new_tokens, do_sample, temperature, top_p))
     errors: list[BaseException] = []
 
     def work():

@@ -17,6 +17,7 @@ Test: python -m pytest tests/test_lora.py -q
 """
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -33,7 +34,10 @@ class LoRALinear(nn.Module):
         # rsLoRA: alpha / sqrt(r), so r=64 is not damped 4x more than r=16
         self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        like = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
+        # A and B are trained, so they stay fp32 on a bf16/fp16 base, as PEFT's autocast_adapter_dtype
+        # does: an AdamW step of 1e-4 on 0.05 is lost in bf16 (8-bit mantissa, spacing 2.4e-4 there).
+        low = base_layer.weight.dtype in (torch.float16, torch.bfloat16)
+        like = dict(device=base_layer.weight.device, dtype=torch.float32 if low else base_layer.weight.dtype)
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, **like)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, **like)
         # A: nn.Linear's own default init (Kaiming-uniform, a=sqrt(5)), as PEFT does;
@@ -42,20 +46,31 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        # As PEFT: x is cast to the adapter's dtype (fp32 on a bf16 base) and the sum back to
+        # the base's, so the next layer sees the dtype it would see without LoRA.
         # B (A x) costs r * (in + out) per token; building B A first would cost in * out
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        return (result + self.lora_B(self.lora_A(x)) * self.scaling).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """(alpha / r) * B A, the out x in matrix that training adds to W0."""
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        """(alpha / r) * B A, the out x in matrix that training adds to W0, in fp32 at least."""
+        A, B = self.lora_A.weight, self.lora_B.weight
+        dtype = torch.promote_types(A.dtype, torch.float32)
+        return (B.to(dtype) @ A.to(dtype)) * self.scaling
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
-        """A new frozen nn.Linear with weight W0 + delta; this layer stays unchanged."""
+        """A new frozen nn.Linear with weight W0 + delta; this layer stays unchanged.
+
+        The sum is formed in fp32 and cast to the base's dtype once: in bf16, rounding B A
+        and then the sum again doubles the error (bf16 keeps 8 bits of mantissa).
+        """
         base = self.base_layer
         merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                            device=base.weight.device, dtype=base.weight.dtype)
-        merged.weight.copy_(base.weight + self.delta_weight())
+        delta = self.delta_weight()
+        merged.weight.copy_(base.weight.to(delta.dtype) + delta)
         if base.bias is not None:
             merged.bias.copy_(base.bias)
         return merged.requires_grad_(False)
@@ -66,28 +81,43 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
+def _is_target(name: str, target_modules: list[str] | str) -> bool:
+    """PEFT's rule (tuners_utils.check_target_module_exists): a string is a regex over the
+    full name (re.fullmatch, so "q_proj" alone matches nothing); a list entry is a full
+    name or a suffix after a dot ("q_proj", "self_attn.q_proj", "model.layers.0.mlp")."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return name in target_modules or any(name.endswith(f".{t}") for t in target_modules)
+
+
+def target_names(model: nn.Module, target_modules: list[str] | str) -> list[str]:
+    """The names of the modules that target_modules selects, as PEFT selects them."""
+    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+        # as PEFT: every nn.Linear except the output head (`lm_head`, 49152 x 576 in SmolLM2-135M)
+        get_head = getattr(model, "get_output_embeddings", None)
+        head = get_head() if get_head else getattr(model, "lm_head", None)
+        return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    names = [n for n, _ in model.named_modules() if n and _is_target(n, target_modules)]
+    for name in names:
+        if not isinstance(model.get_submodule(name), nn.Linear):
+            kind = type(model.get_submodule(name)).__name__
+            raise ValueError(f"target_modules={target_modules!r} selects {name} ({kind}); "
+                             "the hand-written layer wraps only nn.Linear")
+    if not names:
+        raise ValueError(f"no nn.Linear in the model matches target_modules={target_modules!r}")
+    return names
+
+
 def inject_lora(model: nn.Module, target_modules: list[str] | str, r: int, lora_alpha: float,
                 lora_dropout: float = 0.0, use_rslora: bool = False) -> list[str]:
     """Wrap the targeted nn.Linear layers in LoRALinear, freeze the rest, return their names.
 
-    target_modules: last name components (["q_proj", "v_proj"]) or "all-linear",
-    which, as in PEFT, means every nn.Linear except the output head (`lm_head`).
+    target_modules takes PEFT's forms: a list of names or name suffixes (["q_proj",
+    "self_attn.v_proj"]), a regex over full names (r".*\\.(q|v)_proj"), or "all-linear".
     """
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("model already has LoRA layers; call merge_lora(model) first")
-    if isinstance(target_modules, str):
-        if target_modules != "all-linear":
-            # PEFT reads any other string as a regex over full names; we refuse to guess
-            raise ValueError(
-                f"target_modules={target_modules!r}: use a list of names or 'all-linear'")
-        get_head = getattr(model, "get_output_embeddings", None)
-        head = get_head() if get_head else getattr(model, "lm_head", None)
-        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
-    else:
-        names = [n for n, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and n.rpartition(".")[2] in target_modules]
-    if not names:
-        raise ValueError(f"no nn.Linear in the model matches target_modules={target_modules!r}")
+    names = target_names(model, target_modules)
     model.requires_grad_(False)
     for name in names:
         layer = LoRALinear(model.get_submodule(name), r, lora_alpha, lora_dropout, use_rslora)

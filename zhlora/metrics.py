@@ -1,7 +1,8 @@
 """Every number evaluate.py reports, each defined once, here.
 
     scores = [score_sample(task, prediction, reference, finished, n_tokens, seconds), ...]
-    summary = summarize(scores)      # the headline means, bootstrap CIs and per-task table
+    summary = summarize(scores)      # the headline means, 95% CIs and per-task table
+    summary["delta_ci"] = delta_ci(scores, base_scores)  # fine-tuned minus base, paired by row
 
 Metrics (the keys of evaluation_results.json; DEFINITIONS below is read from this table):
 
@@ -20,9 +21,14 @@ Metrics (the keys of evaluation_results.json; DEFINITIONS below is read from thi
     rouge_2             as rouge_1, word bigrams
     rouge_l             as rouge_1, longest common word subsequence (rouge-chinese's summary-level LCS)
     exact_match         share of checkable samples (tasks.CHECKABLE_TASKS) whose answer passes
-                        tasks.check_answer; null when the split holds none; per task in per_task
-    test_loss           mean cross-entropy per supervised token (train.compute_loss, answer and stop
-                        tokens unless data.train_on_prompt) over the same test rows
+                        tasks.check_answer; null when the split holds none; per task in per_task.
+                        evaluate.py scores a task with one right answer by teacher forcing (does
+                        greedy decoding reproduce the reference and then stop?), every row, and
+                        checks it against real generations on the rows it also generates
+                        (forced_vs_generated). The headline leaves out SCORED_APART tasks
+                        (self_cognition: does the answer name the assistant and its maker?)
+    test_loss           mean cross-entropy per answer token (answer and stop tokens, the prompt never)
+                        over the same test rows, from the teacher-forcing pass
     perplexity          exp(test_loss)
 
 Policies:
@@ -35,7 +41,15 @@ Policies:
     no word). Two empty strings are never "identical" (difflib would say 1.0).
   - short answers: with character 3- and 4-grams missing, a perfect "12" gets bleu_4 = 59.46 and
     a one-word answer gets rouge_2 = 0. For checkable tasks read exact_match first.
-  - ci: percentile bootstrap of the mean (bootstrap_ci), 1000 resamples, seed 0, 95%.
+  - ci, 95%: the 0/1 rates (RATES: success_rate, exact_match) get a Wilson score interval
+    (wilson_ci), which stays inside [0, 1] and is not empty at 0 of 48 ([0, 0.074]; the percentile
+    bootstrap says [0, 0] there). The continuous scores get the percentile bootstrap of the mean
+    (bootstrap_ci), 1000 resamples, seed 0.
+  - delta_ci, 95%: both models answer the same rows, so the interval of fine-tuned minus base is
+    the bootstrap of the mean per-row difference (paired_bootstrap_ci): tighter than two separate
+    intervals whenever both models find the same rows hard (var(a - b) = var a + var b - 2 cov).
+  - success_rate says "answered and stopped", not "correct": LABELS gives every metric the one
+    Chinese + English name that plots, reports and printed tables show.
 """
 from __future__ import annotations
 
@@ -72,6 +86,16 @@ DEFINITIONS: dict[str, str] = _read_definitions(__doc__)
 HEADLINE = ["success_rate", "avg_similarity", "avg_generation_time", "avg_length", "avg_length_tokens",
             "bleu_4", "rouge_1", "rouge_2", "rouge_l", "exact_match"]
 CI_METRICS = ["success_rate", "avg_similarity", "exact_match", "bleu_4", "rouge_l"]
+RATES = {"success_rate", "exact_match"}  # per-sample 0/1: their ci is Wilson's, not the bootstrap's
+Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal
+# metric -> (中文, English): the one display name of each metric, wherever it is shown
+LABELS: dict[str, tuple[str, str]] = {
+    "success_rate": ("作答并停止", "answered & stopped"), "avg_similarity": ("字符相似度", "character similarity"),
+    "avg_generation_time": ("平均生成时间/秒", "avg generation time, s"),
+    "avg_length": ("平均长度/字", "avg length, chars"), "avg_length_tokens": ("平均长度/token", "avg length, tokens"),
+    "bleu_4": ("BLEU-4", "BLEU-4"), "rouge_1": ("ROUGE-1", "ROUGE-1"), "rouge_2": ("ROUGE-2", "ROUGE-2"),
+    "rouge_l": ("ROUGE-L", "ROUGE-L"), "exact_match": ("精确匹配", "exact match"),
+    "test_loss": ("测试损失", "test loss"), "perplexity": ("困惑度", "perplexity")}
 # headline metric -> the per-sample score it averages
 _PER_SAMPLE = {"success_rate": "success", "avg_similarity": "similarity", "avg_generation_time": "generation_time",
                "avg_length": "length", "avg_length_tokens": "length_tokens", "bleu_4": "bleu_4",
@@ -137,23 +161,88 @@ def bootstrap_ci(values, n: int = 1000, seed: int = 0, alpha: float = 0.05) -> t
     return float(low), float(high)
 
 
+# Reported in per_task only: "who are you" is the classic first demo, not a skill to average in.
+SCORED_APART = frozenset({"self_cognition"})
+
+
+def wilson_ci(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n: (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n).
+    Unlike p ± z·sqrt(p(1-p)/n) or the bootstrap, it does not collapse to [0, 0] at k = 0."""
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"wilson_ci needs 0 <= k <= n and n > 0, got k={k}, n={n}")
+    p, shrink = k / n, 1 + z * z / n
+    center = (p + z * z / (2 * n)) / shrink
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / shrink
+    # at k = 0 (k = n) the bound is exactly 0 (1); float rounding would leave 2.8e-17 there
+    return (0.0 if k == 0 else center - half), (1.0 if k == n else center + half)
+
+
+def paired_bootstrap_ci(a_values, b_values, n: int = 1000, seed: int = 0,
+                        alpha: float = 0.05) -> tuple[float, float] | None:
+    """bootstrap_ci of mean(a - b) over the rows where both have a value (None: no such row).
+    a_values[i] and b_values[i] must score the same row: resampling rows keeps each pair together."""
+    if len(a_values) != len(b_values):
+        raise ValueError(f"paired_bootstrap_ci needs one value per row on both sides, got {len(a_values)} "
+                         f"and {len(b_values)}")
+    diffs = [float(a) - float(b) for a, b in zip(a_values, b_values) if a is not None and b is not None]
+    return bootstrap_ci(diffs, n=n, seed=seed, alpha=alpha) if diffs else None
+
+
+def delta_ci(scores: list[dict], base_scores: list[dict]) -> dict[str, list[float] | None]:
+    """{metric: [low, high]} of fine-tuned minus base for CI_METRICS, paired by row (score_sample dicts)."""
+    for i, (mine, base) in enumerate(zip(scores, base_scores)):
+        if mine["task"] != base["task"]:  # a shuffled or filtered side would pair unrelated answers
+            raise ValueError(f"delta_ci: row {i} is {mine['task']} for one model and {base['task']} for the other")
+    out = {}
+    for name in CI_METRICS:
+        key = _PER_SAMPLE[name]
+
+        def values(side):  # the headline exact_match leaves SCORED_APART rows out; so does its delta
+            return [None if key == "exact_match" and s["task"] in SCORED_APART else s[key] for s in side]
+        ci = paired_bootstrap_ci(values(scores), values(base_scores))
+        out[name] = None if ci is None else list(ci)
+    return out
+
+
+def metric_label(name: str, with_key: bool = True) -> str:
+    """"作答并停止 answered & stopped (success_rate)": LABELS' two names, then the results key
+    (with_key=False leaves it out, for a line that prints the key already)."""
+    zh, en = LABELS[name]
+    text = zh if zh == en else f"{zh} {en}"
+    return f"{text} ({name})" if with_key else text
+
+
+def _ci(name: str, values: list[float]) -> list[float] | None:
+    if not values:
+        return None
+    if name in RATES:
+        return list(wilson_ci(round(sum(values)), len(values)))
+    return list(bootstrap_ci(values))
+
+
 def _mean(values: list) -> float | None:
     return float(np.mean(values)) if values else None
 
 
 def summarize(scores: list[dict]) -> dict:
-    """Headline means, `ci` (95% bootstrap) and `per_task` for a list of score_sample dicts."""
-    column = {name: [float(s[key]) for s in scores if s[key] is not None] for name, key in _PER_SAMPLE.items()}
+    """Headline means, `ci` (95%: Wilson for RATES, bootstrap otherwise) and `per_task` for a list
+    of score_sample dicts. A None score (a row that was not generated) is left out of its mean.
+    The headline exact_match leaves out SCORED_APART tasks; per_task has them."""
+    headline = [s for s in scores if s["task"] not in SCORED_APART]
+    column = {name: [float(s[key]) for s in (headline if key == "exact_match" else scores) if s[key] is not None]
+              for name, key in _PER_SAMPLE.items()}
     summary = {name: _mean(column[name]) for name in HEADLINE}
     summary["num_samples"] = len(scores)
-    summary["ci"] = {name: list(bootstrap_ci(column[name])) if column[name] else None for name in CI_METRICS}
+    summary["ci"] = {name: _ci(name, column[name]) for name in CI_METRICS}
     per_task = {}
     for task in sorted({s["task"] for s in scores}):
         mine = [s for s in scores if s["task"] == task]
-        row = {"n": len(mine), "avg_similarity": _mean([s["similarity"] for s in mine]),
-               "rouge_l": _mean([s["rouge_l"] for s in mine])}
+        row = {"n": len(mine), "avg_similarity": _mean([s["similarity"] for s in mine if s["similarity"] is not None]),
+               "rouge_l": _mean([s["rouge_l"] for s in mine if s["rouge_l"] is not None])}
         if task in CHECKABLE_TASKS:
-            row["exact_match"] = _mean([float(s["exact_match"]) for s in mine])
+            hits = [float(s["exact_match"]) for s in mine if s["exact_match"] is not None]
+            row["exact_match"] = _mean(hits)
+            row["exact_match_ci"] = _ci("exact_match", hits)
         per_task[task] = row
     summary["per_task"] = per_task
     return summary

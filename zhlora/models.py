@@ -152,7 +152,10 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """Weights' dtype. auto: bf16 on a GPU that supports it, fp32 elsewhere.
+    """Weights' dtype as loaded. auto: bf16 on a GPU that supports it, fp32 elsewhere.
+
+    This is the frozen base's dtype: adapter.apply_lora casts whatever trains to fp32
+    (a bf16 weight with no fp32 master copy barely moves at lr 5e-5).
 
     fp16 matmuls on a CPU run at about 1 GFLOP/s (vs 185 for fp32 on two cores),
     so fp16 weights are refused on a CPU; bf16 autocast is the fast CPU option.

@@ -32,6 +32,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 
+from zhlora.metrics import LABELS  # noqa: E402
+
 HISTORY_FILE, RESULTS_FILE, PREDICTIONS_FILE = "training_history.jsonl", "evaluation_results.json", "predictions.jsonl"
 # The file inside the mplfonts wheel (Noto Sans CJK SC Regular, SIL OFL 1.1), then fonts a
 # system may have installed (Debian fonts-noto-cjk, fonts-wqy-microhei; Windows; macOS).
@@ -40,17 +42,13 @@ SYSTEM_CJK_FAMILIES = ["Noto Sans CJK SC", "Source Han Sans SC", "WenQuanYi Micr
                        "Microsoft YaHei", "SimHei", "PingFang SC", "Heiti SC"]
 BASELINE_COLOR, TUNED_COLOR, EVAL_COLOR = "#9e9e9e", "#1f77b4", "#d62728"
 
-# Evaluation metrics -> (中文, English). Shares in [0, 1] are drawn x 100 so that they
-# share one 0-100 axis with bleu_4 and rouge_* (which metrics.py already reports x 100).
-SCORES = {"success_rate": ("成功率", "success rate"), "avg_similarity": ("字符相似度", "similarity"),
-          "exact_match": ("精确匹配", "exact match"), "bleu_4": ("BLEU-4", "BLEU-4"),
-          "rouge_1": ("ROUGE-1", "ROUGE-1"), "rouge_2": ("ROUGE-2", "ROUGE-2"), "rouge_l": ("ROUGE-L", "ROUGE-L")}
+# Evaluation metrics -> (中文, English), named once in metrics.LABELS. Shares in [0, 1] are drawn
+# x 100 so that they share one 0-100 axis with bleu_4 and rouge_* (which metrics.py reports x 100).
+SCORES = {k: LABELS[k] for k in ["success_rate", "avg_similarity", "exact_match", "bleu_4", "rouge_1", "rouge_2",
+                                 "rouge_l"]}
 SHARES = {"success_rate", "avg_similarity", "exact_match"}
 # Each of these has a unit of its own, so each gets a small panel of its own.
-OTHERS = {"test_loss": ("测试损失", "test loss"), "perplexity": ("困惑度", "perplexity"),
-          "avg_length": ("平均长度/字", "avg length, chars"),
-          "avg_length_tokens": ("平均长度/token", "avg length, tokens"),
-          "avg_generation_time": ("平均生成时间/秒", "avg generation time, s")}
+OTHERS = {k: LABELS[k] for k in ["test_loss", "perplexity", "avg_length", "avg_length_tokens", "avg_generation_time"]}
 
 
 @lru_cache(maxsize=1)
@@ -220,7 +218,8 @@ def plot_metrics(results: dict, out: Path, label) -> Path:
     title = (label("评估指标: 基线 vs 微调后", "evaluation metrics: baseline vs fine-tuned") if base
              else label("评估指标", "evaluation metrics"))
     if any(_cis(results, scores)):
-        title += "    " + label("误差线: 95% 置信区间", "error bars: 95% bootstrap CI")
+        title += "\n" + label("误差线: 95% 置信区间 (比率 Wilson, 其余 bootstrap)",
+                                "error bars: 95% CI (rates: Wilson, others: bootstrap)")
     ax.set_title(title)
     for i, key in enumerate(others):
         small = fig.add_subplot(grid[1, i])
@@ -244,24 +243,33 @@ def plot_per_task(results: dict, out: Path, label) -> Path | None:
     base = [None if base_rows.get(t, {}).get("exact_match") is None else 100 * base_rows[t]["exact_match"]
             for t in tasks]
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(tasks) + 2), 5))
+    def ci(row: dict):  # the 95% Wilson interval evaluate.py gives each task, in percent
+        return None if not row.get("exact_match_ci") else [100 * v for v in row["exact_match_ci"]]
+
     _bars(ax, range(len(tasks)), [100 * tuned[t]["exact_match"] for t in tasks],
-          base if any(v is not None for v in base) else None, [None] * len(tasks), [None] * len(tasks), label,
-          fmt="{:.0f}", top=110)
+          base if any(v is not None for v in base) else None, [ci(tuned[t]) for t in tasks],
+          [ci(base_rows.get(t, {})) for t in tasks], label, fmt="{:.0f}", top=125)
     ax.set_xticks(range(len(tasks)), [f"{t}\nn={tuned[t].get('n', '?')}" for t in tasks])
-    ax.set(ylim=(0, 110), ylabel=label("精确匹配 %", "exact match, %"),
+    # headroom above 100 for a full bar's label and the legend, which sits over it in one row
+    ax.set(ylim=(0, 125), ylabel=label("精确匹配 %（95% Wilson 区间）", "exact match, % (95% Wilson)"),
            title=label("各任务精确匹配", "exact match per task"))
+    ax.set_yticks(range(0, 101, 20))
     skipped = sorted(set(results.get("per_task") or {}) - set(tuned))
     if skipped:  # open_qa has no single right answer: read its similarity and rouge instead
         ax.set_xlabel(label("无标准答案、未画出", "no exact answer, not shown") + ": " + ", ".join(skipped))
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper left", ncol=2)
     return _save(fig, out / "per_task_exact_match.png")
 
 
 def plot_predictions(rows: list[dict], out: Path, label) -> list[Path]:
     """generation_length_hist.png and generation_time_hist.png from predictions.jsonl."""
     written: list[Path] = []
-    tuned = [len(r.get("prediction") or "") for r in rows]
+    rows = [r for r in rows if r.get("prediction") is not None]  # rows scored by teacher forcing alone
+    if not rows:
+        print("[plot] no generated answer in predictions.jsonl; skipped the histograms")
+        return written
+    tuned = [len(r["prediction"]) for r in rows]
     base = [len(r["baseline_prediction"]) for r in rows if r.get("baseline_prediction") is not None]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     bins = np.histogram_bin_edges(tuned + base, bins=min(30, max(5, len(rows) // 3)))

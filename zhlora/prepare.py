@@ -8,12 +8,15 @@ Writes, into the output folder:
   train.json / val.json / test.json  the splits; no val or test row shares its
                              normalised instruction + input with a train row
   data_problems.txt          with --source: every refused row, PATH:LINE: FIELD: problem
+  data_settings.json         the settings that made these files (data_settings), so a later
+                             run can tell whether they still fit its config (settings_changes)
 Then prints a stats report: rows per task and split, token-length percentiles for
 the configured model's tokenizer, and how many samples `data.max_length` truncates.
 """
 from __future__ import annotations
 
 import collections
+import json
 from pathlib import Path
 
 from zhlora import data as zdata
@@ -23,6 +26,24 @@ from zhlora.tasks import generate_samples
 
 GENERATED = "generated"  # --source generated[:N] mixes the built-in tasks with user data
 MAX_PRINTED_PROBLEMS = 50
+SETTINGS_FILE = "data_settings.json"
+
+
+def data_settings(cfg: Config, sources: list[str]) -> dict:
+    """Everything that decides which rows the files hold (written beside them as SETTINGS_FILE)."""
+    return {"sources": list(sources), "num_samples": cfg.data.num_samples, "tasks": list(cfg.data.tasks),
+            "val_ratio": cfg.data.val_ratio, "test_ratio": cfg.data.test_ratio, "seed": cfg.training.seed}
+
+
+def settings_changes(cfg: Config, sources: list[str], output_dir: str | Path) -> list[str]:
+    """How the data files in output_dir differ from what cfg would make: [] when they match,
+    ["no data_settings.json"] for files written without one (or no files at all)."""
+    path = Path(output_dir) / SETTINGS_FILE
+    if not path.is_file() or not (Path(output_dir) / "train.json").is_file():
+        return [f"no {path}"]
+    saved, wanted = json.loads(path.read_text("utf-8")), data_settings(cfg, sources)
+    return [f"{key}: {saved.get(key)!r} in {path}, {value!r} now" for key, value in wanted.items()
+            if saved.get(key) != value]
 
 
 def load_sources(specs: list[str], cfg: Config, columns: dict | None, encoding: str,
@@ -34,7 +55,7 @@ def load_sources(specs: list[str], cfg: Config, columns: dict | None, encoding: 
         path, amount = zdata.parse_source_spec(spec)
         if path == GENERATED:
             rows = generate_samples(int(amount) if isinstance(amount, int) else cfg.data.num_samples,
-                                    seed=cfg.training.seed)
+                                    seed=cfg.training.seed, tasks=cfg.data.tasks or None)
             loaded.append((zdata.LoadResult(rows, [], collections.Counter(loaded=len(rows))), None))
             continue
         result = zdata.load_source(path, columns=columns, encoding=encoding)
@@ -95,14 +116,17 @@ def prepare(cfg: Config, sources: list[str], output_dir: str | Path, columns: di
     if sources:
         rows = load_sources(sources, cfg, columns, encoding, output_dir / "data_problems.txt")
     else:
-        rows = generate_samples(cfg.data.num_samples, seed=cfg.training.seed)
+        rows = generate_samples(cfg.data.num_samples, seed=cfg.training.seed, tasks=cfg.data.tasks or None)
     if not rows:
         raise zdata.DataError("no usable rows in the sources; run `zhlora validate` on them to see why")
     train, val, test = zdata.split_rows(rows, cfg.data.val_ratio, cfg.data.test_ratio, seed=cfg.training.seed)
     paths = {"all": output_dir / "chinese_instructions.json", "train": output_dir / "train.json",
              "val": output_dir / "val.json", "test": output_dir / "test.json"}
+    (output_dir / SETTINGS_FILE).unlink(missing_ok=True)  # the old settings stop vouching for the files now
     for name, split in (("all", rows), ("train", train), ("val", val), ("test", test)):
         zdata.write_json(paths[name], split)
+    # last: a run killed before this line leaves no settings, so the files count as unknown
+    zdata.write_json(output_dir / SETTINGS_FILE, data_settings(cfg, sources))
     splits = {"train": train, "val": val, "test": test}
     stats = token_stats(train, tokenizer, cfg) if tokenizer is not None else None
     print_report(splits, stats)

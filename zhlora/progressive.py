@@ -15,8 +15,10 @@ So logits just before and just after a growth step are equal (up to float32 roun
 the bigger matmuls sum in another order, |diff| ~1e-5), and the saved
 adapter_config.json holds the final r and the grown lora_alpha.
 
-AdamW's moments of the old rows and columns are kept (the new ones start at zero),
-so the old part of the adapter goes on training as if nothing happened.
+AdamW's moments of the old rows and columns are kept, so the old part of the adapter
+goes on training as if nothing happened. The new entries' exp_avg starts at zero and
+their exp_avg_sq at the old entries' mean, so that under the tensor's shared step count
+their steps are a fresh parameter's size (see _grown_moment).
 """
 from __future__ import annotations
 
@@ -61,23 +63,42 @@ def _grown(old: nn.Linear, rows: int | None = None, cols: int | None = None) -> 
     return new
 
 
+def _grown_moment(key: str, value: torch.Tensor, new: nn.Parameter) -> torch.Tensor:
+    """An AdamW moment padded to the grown shape; the old entries' values are kept as they are.
+
+    The new entries share the tensor's step count t0 (say 1000), so Adam's bias correction
+    divides their moments by 1 - beta^t0 (0.63 for beta2=0.999 at t0=1000), where a fresh
+    entry t steps old divides by 1 - beta^t (0.001 at t=1). From zero, exp_avg_sq then
+    reads ~600x too small one step after growth, and the steps came out 2.5-5x a fresh
+    parameter's. Started instead from the old entries' mean along the rank dimension (per
+    input feature for A, per output row for B), it already holds (1 - beta2^t0) g^2, which
+    the shared correction turns into g^2, as a fresh entry's does, at every t. exp_avg
+    starts at zero (a gradient's sign cannot be borrowed): its steps are (1 - 0.9^t) of a
+    fresh one's (0.1 at t=1, 0.65 at t=10, 0.99 at t=50), a short warmup, never an overshoot.
+    Assumes the new entries' gradients are about as large as the old ones' along that dimension.
+    """
+    grown = torch.zeros_like(new)
+    grown[tuple(slice(0, n) for n in value.shape)] = value
+    if key in ("exp_avg_sq", "max_exp_avg_sq"):
+        dim = next(d for d, n in enumerate(value.shape) if new.shape[d] > n)
+        fresh = [slice(None)] * value.dim()
+        fresh[dim] = slice(value.shape[dim], None)
+        grown[tuple(fresh)] = value.mean(dim, keepdim=True)
+    return grown
+
+
 def _move_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter) -> None:
-    """Put `new` where `old` was in the optimizer, its moments padded with zeros."""
+    """Put `new` where `old` was in the optimizer, its moments grown by _grown_moment."""
     for group in optimizer.param_groups:
         for i, p in enumerate(group["params"]):
             if p is old:
                 group["params"][i] = new
     state = optimizer.state.pop(old, None)
     if state:
-        padded = {}
-        for key, value in state.items():
-            if torch.is_tensor(value) and value.shape == old.shape:
-                grown = torch.zeros_like(new)
-                grown[tuple(slice(0, n) for n in old.shape)] = value
-                padded[key] = grown
-            else:
-                padded[key] = value  # AdamW's step counter
-        optimizer.state[new] = padded
+        optimizer.state[new] = {key: _grown_moment(key, value, new)
+                                if torch.is_tensor(value) and value.shape == old.shape
+                                else value  # AdamW's step counter, shared by old and new entries
+                                for key, value in state.items()}
 
 
 @torch.no_grad()

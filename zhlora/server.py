@@ -49,7 +49,8 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-from zhlora.generation import _sampling_kwargs, _stop_ids  # the same decoding settings as the demo
+from zhlora.formatting import stop_ids
+from zhlora.generation import generation_config  # the same decoding settings as the demo
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -90,7 +91,7 @@ class _PieceStreamer(TextStreamer):
 
     def __init__(self, tokenizer, job: Job):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.job, self.stop = job, set(_stop_ids(tokenizer))
+        self.job, self.stop = job, set(stop_ids(tokenizer))
 
     def put(self, value):
         if not self.next_tokens_are_prompt:  # the first put is the prompt itself
@@ -144,10 +145,10 @@ class Engine:
             with self._selected(job.model) as model, torch.no_grad():
                 if job.seed is not None:
                     torch.manual_seed(job.seed)  # global RNG: safe, only this thread samples
-                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=job.max_new_tokens,
-                               eos_token_id=_stop_ids(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id,
-                               streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(job.cancel)]),
-                               **_sampling_kwargs(job.do_sample, job.temperature, job.top_p))
+                config = generation_config(model, self.tokenizer, job.max_new_tokens, job.do_sample,
+                                           job.temperature, job.top_p)
+                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                               streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(job.cancel)]))
         except Exception as err:  # reported to this request's client; the worker lives on
             job.error = err
         finally:

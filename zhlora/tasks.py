@@ -9,6 +9,8 @@ Canonical answer (`output`) per family:
 
     num2cn      cn2an.an2cn of the number            "一千二百三十四"
     cn2num      Arabic digits                        "1234"
+    digits      cn2an.an2cn(..., "direct"), digit by digit (years, phone numbers)
+                                                     "二零二四"
     rmb_upper   cn2an.an2cn(amount, "rmb")           "壹仟贰佰叁拾肆元伍角"
     s2t, t2s    OpenCC conversion of the sentence    "我們今天去公園散步。"
     pinyin      pypinyin tone marks, one space between syllables, punctuation
@@ -19,9 +21,16 @@ Canonical answer (`output`) per family:
     unit        exact decimal plus the target unit   "3500米", "0.75小时"
     sort        Python list of ints                  "[1, 3, 9]"
     extreme     the integer                          "9"
+    self_cognition  who the assistant is (resources/self_cognition_zh.json): the
+                answer must name ASSISTANT_NAME and ASSISTANT_AUTHOR
+                                                     "我是小知，由 zhlora 微调的中文助手。"
     open_qa     free text from resources/open_ended_zh.json (not checkable)
 
-Print a few rows:  python -m zhlora.tasks 8 --seed 1 --tasks date unit
+Phrasings come from resources/phrasings_zh.json. resources/heldout_phrasings_zh.json holds
+other phrasings of some families that no generated training row uses: heldout_rows() draws
+from them, so a demo can ask the way a user would and not the way training did.
+
+Print a few rows:  python -m zhlora.tasks 8 --seed 1 --tasks date unit [--heldout]
 """
 
 from __future__ import annotations
@@ -61,9 +70,18 @@ def load_open_qa() -> list[dict]:
     return [dict(row) for row in _resource("open_ended_zh.json")]
 
 
-def _ask(rng: random.Random, key: str) -> str:
-    """One of the Chinese phrasings listed under `key` in resources/phrasings_zh.json."""
-    return rng.choice(_resource("phrasings_zh.json")[key])
+PHRASINGS, HELDOUT_PHRASINGS = "phrasings_zh.json", "heldout_phrasings_zh.json"
+
+
+def _asker(phrasings: str) -> Callable[[random.Random, str], str]:
+    """ask(rng, key): one of the Chinese phrasings listed under `key` in resources/<phrasings>."""
+    table = _resource(phrasings)
+
+    def ask(rng: random.Random, key: str) -> str:
+        if key not in table:
+            raise ValueError(f"resources/{phrasings} has no phrasings for {key!r}")
+        return rng.choice(table[key])
+    return ask
 
 
 @lru_cache(maxsize=None)
@@ -85,25 +103,40 @@ def _random_int(rng: random.Random) -> int:
     return int("".join(map(str, digits)))
 
 
-def _num2cn_rows(rng: random.Random) -> Iterator[Row]:
+def _num2cn_rows(rng: random.Random, ask) -> Iterator[Row]:
     while True:
         n = _random_int(rng)
-        yield _ask(rng, "num2cn"), str(n), cn2an.an2cn(n)
+        yield ask(rng, "num2cn"), str(n), cn2an.an2cn(n)
 
 
-def _cn2num_rows(rng: random.Random) -> Iterator[Row]:
+def _cn2num_rows(rng: random.Random, ask) -> Iterator[Row]:
     while True:
         text = cn2an.an2cn(_random_int(rng))
-        yield _ask(rng, "cn2num"), text, str(cn2an.cn2an(text, "strict"))
+        yield ask(rng, "cn2num"), text, str(cn2an.cn2an(text, "strict"))
 
 
-def _rmb_rows(rng: random.Random) -> Iterator[Row]:
+def _digit_string(rng: random.Random) -> str:
+    """A year (1900-2099), a 4-8 digit code, or an 11-digit phone-like number; 0 can lead a code."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        return str(rng.randint(1900, 2099))
+    length = rng.randint(4, 8) if kind == 1 else 11
+    return "".join(str(rng.randint(0, 9)) for _ in range(length))
+
+
+def _digits_rows(rng: random.Random, ask) -> Iterator[Row]:
+    while True:
+        text = _digit_string(rng)
+        yield ask(rng, "digits"), text, cn2an.an2cn(text, "direct")
+
+
+def _rmb_rows(rng: random.Random, ask) -> Iterator[Row]:
     while True:
         yuan = _random_int(rng) // 10  # up to 7 digits of yuan, 0 allowed (伍角)
         cents = rng.choice(("", "", f".{rng.randint(1, 9)}", f".{rng.randint(1, 99):02d}"))
         amount = f"{yuan}{cents}"
         # strings, not floats, so 0.1 never turns into 0.1000000000000000055
-        yield _ask(rng, "rmb_upper"), f"{amount}元", cn2an.an2cn(amount, "rmb")
+        yield ask(rng, "rmb_upper"), f"{amount}元", cn2an.an2cn(amount, "rmb")
 
 
 # --- sentences: finite pools, so they are enumerated rather than sampled -----
@@ -111,8 +144,8 @@ def _rmb_rows(rng: random.Random) -> Iterator[Row]:
 def _phrase_family(family: str, convert: Callable[[str], tuple[str, str]]):
     """Rows over resources/phrases_zh.json: each phrase once per phrasing of `family`."""
 
-    def rows(rng: random.Random) -> Iterator[Row]:
-        phrasings = _resource("phrasings_zh.json")[family]
+    def rows(rng: random.Random, ask) -> Iterator[Row]:
+        phrasings = _resource(PHRASINGS)[family]
         phrases = list(_resource("phrases_zh.json"))
         rng.shuffle(phrases)
         orders = [rng.sample(phrasings, len(phrasings)) for _ in phrases]
@@ -154,14 +187,14 @@ _PROBLEMS = (
 )
 
 
-def _arithmetic_rows(rng: random.Random) -> Iterator[Row]:
+def _arithmetic_rows(rng: random.Random, ask) -> Iterator[Row]:
     while True:
         b, c = rng.randint(2, 20), rng.randint(2, 9)
         item, unit = rng.choice(_ITEMS)
         v = {"n": rng.choice(_NAMES), "i": item, "u": unit,
              "a": b * c + rng.randint(1, 80), "b": b, "c": c, "p": b * c}
         template, answer = rng.choice(_PROBLEMS)
-        yield _ask(rng, "arithmetic"), template.format(**v), str(answer(v))
+        yield ask(rng, "arithmetic"), template.format(**v), str(answer(v))
 
 
 # --- dates -------------------------------------------------------------------
@@ -170,20 +203,20 @@ def _cn_date(d: date) -> str:
     return f"{d.year}年{d.month}月{d.day}日"
 
 
-def _date_rows(rng: random.Random) -> Iterator[Row]:
+def _date_rows(rng: random.Random, ask) -> Iterator[Row]:
     while True:
         start = date(1990, 1, 1) + timedelta(days=rng.randrange(46 * 365))
         kind = rng.randrange(3)
         if kind == 0:
-            yield _ask(rng, "date_weekday"), _cn_date(start), "星期" + "一二三四五六日"[start.weekday()]
+            yield ask(rng, "date_weekday"), _cn_date(start), "星期" + "一二三四五六日"[start.weekday()]
         elif kind == 1:
             n, later = rng.randint(1, 400), rng.random() < 0.5
             end = start + timedelta(days=n if later else -n)
-            instruction = _ask(rng, "date_shift").format(n=n, when="后" if later else "前")
+            instruction = ask(rng, "date_shift").format(n=n, when="后" if later else "前")
             yield instruction, _cn_date(start), _cn_date(end)
         else:
             end = start + timedelta(days=rng.randint(1, 1000))
-            yield _ask(rng, "date_gap"), f"{_cn_date(start)}和{_cn_date(end)}", f"{(end - start).days}天"
+            yield ask(rng, "date_gap"), f"{_cn_date(start)}和{_cn_date(end)}", f"{(end - start).days}天"
 
 
 # --- units ---------------------------------------------------------------------
@@ -202,13 +235,13 @@ def _format_decimal(x: Fraction) -> str:
     return text
 
 
-def _unit_rows(rng: random.Random) -> Iterator[Row]:
+def _unit_rows(rng: random.Random, ask) -> Iterator[Row]:
     while True:
         big, small, factor = rng.choice(_UNITS)
         # Denominators 2, 4, 10 keep both sides terminating: 0.75小时 = 45分钟.
         amount = Fraction(rng.randint(1, 400), rng.choice((1, 1, 2, 4, 10)))
         (src, src_unit), (dst, dst_unit) = rng.sample([(amount, big), (amount * factor, small)], 2)
-        yield (_ask(rng, "unit").format(unit=dst_unit),
+        yield (ask(rng, "unit").format(unit=dst_unit),
                f"{_format_decimal(src)}{src_unit}", f"{_format_decimal(dst)}{dst_unit}")
 
 
@@ -218,21 +251,44 @@ def _int_list(rng: random.Random) -> list[int]:
     return [rng.randint(0, 99) for _ in range(rng.randint(4, 8))]
 
 
-def _sort_rows(rng: random.Random) -> Iterator[Row]:
+def _sort_rows(rng: random.Random, ask) -> Iterator[Row]:
     while True:
         values, descending = _int_list(rng), rng.random() < 0.5
-        instruction = _ask(rng, "sort_desc" if descending else "sort_asc")
+        instruction = ask(rng, "sort_desc" if descending else "sort_asc")
         yield instruction, str(values), str(sorted(values, reverse=descending))
 
 
-def _extreme_rows(rng: random.Random) -> Iterator[Row]:
+def _extreme_rows(rng: random.Random, ask) -> Iterator[Row]:
     while True:
         values, largest = _int_list(rng), rng.random() < 0.5
-        instruction = _ask(rng, "extreme_max" if largest else "extreme_min")
+        instruction = ask(rng, "extreme_max" if largest else "extreme_min")
         yield instruction, str(values), str(max(values) if largest else min(values))
 
 
-def _open_qa_rows(rng: random.Random) -> Iterator[Row]:
+# --- self-cognition --------------------------------------------------------------
+
+ASSISTANT_NAME, ASSISTANT_AUTHOR = "小知", "zhlora"
+
+
+def _self_cognition_rows(rng: random.Random, ask) -> Iterator[Row]:
+    """Every greeting x question x closing of resources/self_cognition_zh.json once, in random
+    order, each with one of the answers: about 5 x 24 x 4 = 480 ways to ask "who are you"."""
+    spec = _resource("self_cognition_zh.json")
+    questions = [f"{hello}{question}{closing}" for hello in spec["greetings"]
+                 for question in spec["questions"] for closing in spec["closings"]]
+    rng.shuffle(questions)
+    for question in questions:
+        yield question, "", rng.choice(spec["answers"]).format(name=ASSISTANT_NAME, author=ASSISTANT_AUTHOR)
+
+
+def _self_cognition_heldout_rows(rng: random.Random, ask) -> Iterator[Row]:
+    spec = _resource("self_cognition_zh.json")
+    while True:
+        answer = rng.choice(spec["answers"]).format(name=ASSISTANT_NAME, author=ASSISTANT_AUTHOR)
+        yield ask(rng, "self_cognition"), "", answer
+
+
+def _open_qa_rows(rng: random.Random, ask) -> Iterator[Row]:
     rows = load_open_qa()
     rng.shuffle(rows)
     for row in rows:
@@ -244,12 +300,13 @@ class TaskSpec:
     """One task family: an example of its canonical answer and its row stream."""
 
     answer_form: str
-    rows: Callable[[random.Random], Iterator[Row]]
+    rows: Callable[[random.Random, Callable], Iterator[Row]]  # (rng, ask) -> rows
 
 
 TASKS: dict[str, TaskSpec] = {
     "num2cn": TaskSpec("一千二百三十四", _num2cn_rows),
     "cn2num": TaskSpec("1234", _cn2num_rows),
+    "digits": TaskSpec("二零二四", _digits_rows),
     "rmb_upper": TaskSpec("壹仟贰佰叁拾肆元伍角", _rmb_rows),
     "s2t": TaskSpec("我們今天去公園散步。", _phrase_family("s2t", _s2t)),
     "t2s": TaskSpec("我们今天去公园散步。", _phrase_family("t2s", _t2s)),
@@ -259,6 +316,7 @@ TASKS: dict[str, TaskSpec] = {
     "unit": TaskSpec("3500米", _unit_rows),
     "sort": TaskSpec("[1, 3, 9]", _sort_rows),
     "extreme": TaskSpec("9", _extreme_rows),
+    "self_cognition": TaskSpec("我是小知，由 zhlora 微调的中文助手。", _self_cognition_rows),
     "open_qa": TaskSpec("free text", _open_qa_rows),
 }
 CHECKABLE_TASKS: frozenset[str] = frozenset(TASKS) - {"open_qa"}
@@ -294,7 +352,8 @@ def generate_samples(num_samples: int, seed: int = 42, tasks: list[str] | None =
     unknown = [name for name in names if name not in TASKS]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; choose from {sorted(TASKS)}")
-    streams = {name: TASKS[name].rows(random.Random(f"{seed}/{name}")) for name in names}
+    ask = _asker(PHRASINGS)
+    streams = {name: TASKS[name].rows(random.Random(f"{seed}/{name}"), ask) for name in names}
     seen: set[str] = set()
     samples: list[dict] = []
     while streams and len(samples) < num_samples:
@@ -313,6 +372,29 @@ def generate_samples(num_samples: int, seed: int = 42, tasks: list[str] | None =
     return samples
 
 
+# The families resources/heldout_phrasings_zh.json covers (extreme: its _max and _min keys).
+HELDOUT_TASKS = ("num2cn", "cn2num", "digits", "extreme", "self_cognition")
+
+
+def heldout_rows(per_task: int, tasks: list[str], seed: int = 0) -> list[dict]:
+    """`per_task` rows of each task, asked only in the phrasings of resources/heldout_phrasings_zh.json
+    (never in a generated training row), in task order. The numbers are drawn afresh, so a row
+    may by chance share its input with a training row, never its instruction."""
+    unknown = [name for name in tasks if name not in HELDOUT_TASKS]
+    if unknown:
+        raise ValueError(f"no held-out phrasings for {unknown}; these tasks have them: {list(HELDOUT_TASKS)}")
+    ask, rows = _asker(HELDOUT_PHRASINGS), []
+    for name in tasks:
+        make = _self_cognition_heldout_rows if name == "self_cognition" else TASKS[name].rows
+        stream, seen = make(random.Random(f"heldout/{seed}/{name}"), ask), set()
+        for _ in range(per_task):
+            row = _next_fresh(stream, seen)
+            if row is None:
+                break
+            rows.append({"instruction": row[0], "input": row[1], "output": row[2], "task": name})
+    return rows
+
+
 _INT = re.compile(r"-?\d+")
 
 
@@ -321,8 +403,9 @@ def check_answer(task: str, prediction: str, reference: str) -> bool:
 
     Both sides get normalize_text, then trailing "。", "." and spaces are
     dropped. sort and extreme compare the lists of integers found in each
-    side ("[1, 3, 9]" == "1, 3, 9"); pinyin ignores case; every other family
-    compares the strings.
+    side ("[1, 3, 9]" == "1, 3, 9"); pinyin ignores case; self_cognition passes when
+    the answer names both ASSISTANT_NAME and ASSISTANT_AUTHOR (the wording may vary);
+    every other family compares the strings.
     """
     if task not in CHECKABLE_TASKS:
         raise ValueError(f"{task!r} has no exact answer; checkable tasks: {sorted(CHECKABLE_TASKS)}")
@@ -331,6 +414,8 @@ def check_answer(task: str, prediction: str, reference: str) -> bool:
         return [int(x) for x in _INT.findall(pred)] == [int(x) for x in _INT.findall(ref)]
     if task == "pinyin":
         return pred.lower() == ref.lower()
+    if task == "self_cognition":
+        return ASSISTANT_NAME in pred and ASSISTANT_AUTHOR.lower() in pred.lower()
     return pred == ref
 
 
@@ -339,8 +424,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("num_samples", type=int, nargs="?", default=10)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS))
+    parser.add_argument("--heldout", action="store_true", help="rows in the held-out phrasings (per task)")
     args = parser.parse_args(argv)
-    for row in generate_samples(args.num_samples, args.seed, args.tasks):
+    rows = (heldout_rows(args.num_samples, args.tasks or list(HELDOUT_TASKS), args.seed)
+            if args.heldout else generate_samples(args.num_samples, args.seed, args.tasks))
+    for row in rows:
         print(json.dumps(row, ensure_ascii=False))
 
 

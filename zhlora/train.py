@@ -5,35 +5,41 @@
 
 The loop is ours (not HF Trainer) so that what it optimises stays visible
 (`compute_loss`), and so resume is exact: the batch order of each epoch is a pure
-function of the seed, and a checkpoint stores weights, optimizer, scheduler, RNG
-and the position in the epoch. accelerate handles devices, mixed precision and
-DDP / DeepSpeed, so the same command runs on a laptop CPU or many GPUs.
+function of the seed, and a checkpoint stores weights, optimizer, scheduler, each
+process's RNG and the position in the epoch. accelerate handles devices, mixed
+precision and DDP / DeepSpeed (DeepSpeed with gradient_accumulation_steps=1), so the
+same command runs on a laptop CPU or many GPUs.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import resource
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType, gather_object
 from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
 
 from zhlora.adapter import apply_lora, count_parameters, save_trained, trainable_state
 from zhlora.batching import collate_packed, collate_padded, epoch_batches, pack_samples
-from zhlora.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from zhlora.checkpoint import list_checkpoints, rng_state, save_checkpoint
 from zhlora.config import Config, ConfigError, save_config
 from zhlora.distill import Distiller
 from zhlora.formatting import IGNORE_INDEX
 from zhlora.models import answer_logits, load_model, resolve_model_path
 from zhlora.progressive import grow_lora, parse_schedule
 from zhlora.tracking import Tracker, check_report_to
-from zhlora.train_setup import Run, check_output_dir, load_split, make_accelerator, resume_point
+from zhlora.train_setup import (Run, batch_stream_settings, check_output_dir, load_split, make_accelerator,
+                                raw_optimizer, resume, resume_point)
 
 
 class TrainingError(RuntimeError):
@@ -77,6 +83,47 @@ def batch_stream(run: Run, start_epoch: int, start_index: int):
         epoch, index = epoch + 1, 0
 
 
+def step_windows(run: Run, start_epoch: int, start_index: int):
+    """Yield the micro-batches of each optimizer step: gradient_accumulation_steps of them, fewer
+    in the last step of an epoch. A step never spans two epochs (as in HF Trainer), so an epoch
+    of 10 batches at accumulation 4 is 3 steps of 4, 4 and 2, and 3 epochs train 30 batches, not 36."""
+    window = []
+    for micro in batch_stream(run, start_epoch, start_index):
+        if window and micro[0] != window[0][0]:
+            yield window
+            window = []
+        window.append(micro)
+        if len(window) == run.cfg.training.gradient_accumulation_steps:
+            yield window
+            window = []
+
+
+def batches_per_epoch(run: Run, epoch: int) -> int:
+    """Micro-batches this process runs in an epoch (with packing, epochs can differ by a row)."""
+    return sum(1 for _ in itertools.takewhile(lambda m: m[0] == epoch, batch_stream(run, epoch, 0)))
+
+
+def count_steps(run: Run) -> tuple[list[int], int]:
+    """Micro-batches of each epoch, and the optimizer steps of the run: training.max_steps, else
+    exactly training.num_epochs epochs of ceil(batches / accumulation) steps each (as HF counts;
+    a fraction of the last epoch rounded up)."""
+    t = run.cfg.training
+    sizes = [batches_per_epoch(run, e) for e in range(1 if t.max_steps > 0 else math.ceil(t.num_epochs))]
+    if t.max_steps > 0:
+        return sizes, t.max_steps
+    steps = [math.ceil(n / t.gradient_accumulation_steps) for n in sizes]
+    whole = int(t.num_epochs)
+    return sizes, sum(steps[:whole]) + math.ceil((t.num_epochs - whole) * steps[-1])
+
+
+def make_scheduler(optimizer, cfg: Config, total_steps: int):
+    """HF's default schedule (transformers.get_linear_schedule_with_warmup): the lr rises linearly
+    from 0 at the first step to training.learning_rate, over warmup_ratio of the steps rounded up as
+    TrainingArguments.get_warmup_steps does (15 steps at 0.1: 2), then falls linearly to 0 at the end."""
+    return get_linear_schedule_with_warmup(optimizer, math.ceil(total_steps * cfg.training.warmup_ratio),
+                                           total_steps)
+
+
 def collate(run: Run, mine) -> dict:
     if run.cfg.training.packing:
         batch = collate_packed([[run.train[i] for i in row] for row in mine], run.pad_id)
@@ -110,26 +157,32 @@ def evaluate_loss(run: Run, samples: list[dict]) -> float:
 
 
 def estimate_seconds(run: Run, steps: int) -> float:
-    """Time one forward+backward on a typical batch; RNG restored so results don't change."""
-    rng = torch.get_rng_state()
-    mine = next(batch_stream(run, 0, 0))[2]
-    batch = collate(run, mine)
-    for _ in range(2):  # the first pass pays one-time costs (allocation, kernel choice): time the second
-        start = time.perf_counter()
-        with run.acc.autocast():
-            loss_sum, n = compute_loss(run.model, batch, run.cfg.training.supervised_logits)
-        run.acc.backward(loss_sum / max(n, 1))
-        seconds = time.perf_counter() - start
-        run.optimizer.zero_grad(set_to_none=True)
-    torch.set_rng_state(rng)
-    return seconds * steps * run.cfg.training.gradient_accumulation_steps
+    """Time one forward+backward on a typical batch.
+
+    The passes draw dropout masks, so they run inside torch.random.fork_rng over the CPU and the
+    training device: a resumed run must draw the masks the uninterrupted run drew, on a GPU too.
+    Under DeepSpeed accelerate's backward also steps the optimizer, so only the forward is timed
+    there, times 3 (a backward costs about two forwards).
+    """
+    device = run.acc.device
+    deepspeed = run.acc.distributed_type == DistributedType.DEEPSPEED
+    batch = collate(run, next(batch_stream(run, 0, 0))[2])
+    with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
+        for _ in range(2):  # the first pass pays one-time costs (allocation, kernel choice): time the second
+            start = time.perf_counter()
+            with run.acc.autocast():
+                loss_sum, n = compute_loss(run.model, batch, run.cfg.training.supervised_logits)
+            if not deepspeed:
+                run.acc.backward(loss_sum / max(n, 1))
+            seconds = time.perf_counter() - start
+            run.optimizer.zero_grad(set_to_none=True)
+    return seconds * (3 if deepspeed else 1) * steps * run.cfg.training.gradient_accumulation_steps
 
 
 def make_distiller(run: Run, tokenizer, output_dir: Path, steps_left: int, epoch: int, index: int) -> Distiller:
     """The teacher's cache covers exactly the rows the remaining steps will draw."""
-    stream = batch_stream(run, epoch, index)
-    needed = {i for _ in range(steps_left * run.cfg.training.gradient_accumulation_steps)
-              for i in next(stream)[2]}
+    stream = step_windows(run, epoch, index)
+    needed = {i for _ in range(steps_left) for _, _, mine in next(stream) for i in mine}
     name = f"teacher_top{run.cfg.training.distill_top_k}"
     if run.acc.num_processes > 1:  # each process draws its own rows
         name += f".rank{run.acc.process_index}"
@@ -159,7 +212,8 @@ def train(cfg: Config) -> dict:
     output_dir = Path(cfg.output.dir)
     check_report_to(cfg.training.report_to)  # a missing wandb is told now, not after the model loads
     acc = make_accelerator(cfg)
-    resume_from = resume_point(cfg, output_dir)
+    settings = batch_stream_settings(cfg, acc.num_processes)
+    resume_from = resume_point(cfg, output_dir, settings)
     if acc.is_main_process:
         check_output_dir(cfg, output_dir, resuming=resume_from is not None)
     acc.wait_for_everyone()
@@ -167,7 +221,10 @@ def train(cfg: Config) -> dict:
     if acc.is_main_process:
         resolve_model_path(cfg.model.name)  # converts the embedded model once, before others read it
     acc.wait_for_everyone()
-    model, tokenizer = load_model(cfg.model, acc.device)
+    # Full fine-tuning trains every weight, and trainable weights are fp32 (adapter.upcast_trainable):
+    # load them in fp32 rather than round an fp32 checkpoint to bf16 and back.
+    full_fp32 = cfg.training.method == "full" and cfg.model.dtype == "auto"
+    model, tokenizer = load_model(replace(cfg.model, dtype="float32") if full_fp32 else cfg.model, acc.device)
     if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg)
@@ -180,30 +237,18 @@ def train(cfg: Config) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
     model, optimizer = acc.prepare(model, optimizer)
-    run = Run(cfg, acc, model, optimizer, None, train_set, tokenizer.pad_token_id)
-
-    n_batches = batches_per_epoch(run)
-    steps_per_epoch = math.ceil(n_batches / cfg.training.gradient_accumulation_steps)
-    total_steps = cfg.training.max_steps if cfg.training.max_steps > 0 else math.ceil(
-        steps_per_epoch * cfg.training.num_epochs)
-    warmup = int(total_steps * cfg.training.warmup_ratio)
-    # Linear warmup, then linear decay to 0 (the HF default schedule).
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
-        (s + 1) / max(1, warmup), max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+    run = Run(cfg, acc, model, optimizer, None, train_set, tokenizer.pad_token_id, settings)
+    epoch_sizes, total_steps = count_steps(run)
+    steps_per_epoch = math.ceil(epoch_sizes[0] / cfg.training.gradient_accumulation_steps)
+    run.scheduler = make_scheduler(optimizer, cfg, total_steps)
 
     growth = dict(parse_schedule(cfg.training.progressive, cfg.lora.r)) if cfg.training.progressive else {}
     if growth and (acc.num_processes > 1 or cfg.training.method != "lora" or cfg.lora.backend != "peft"):
         raise ConfigError("training.progressive: needs one process, training.method=lora and lora.backend=peft")
     step, epoch, index = 0, 0, 0
     if resume_from is not None:
-        done = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8"))["step"]
-        for at, r in growth.items():  # the checkpoint holds the grown shapes
-            if at <= done:
-                grow_lora(acc.unwrap_model(model), raw_optimizer(optimizer), r)
-        params = [p for p in model.parameters() if p.requires_grad]
-        tensors, state = load_checkpoint(resume_from, optimizer, run.scheduler)
-        acc.unwrap_model(model).load_state_dict(tensors, strict=False)
-        step, epoch, index = state["step"], state["epoch"], state["next_index"]
+        step, epoch, index = resume(run, resume_from, growth)
+        params = [p for p in model.parameters() if p.requires_grad]  # growth replaced some
         acc.print(f"[train] resumed from {resume_from} at step {step}")
 
     distiller = None
@@ -227,7 +272,7 @@ def train(cfg: Config) -> dict:
         save_config(cfg, output_dir / "config.yaml")
     tracker = Tracker(output_dir, cfg.training.report_to, cfg.to_dict(),
                       step if resume_from is not None else None, acc.is_main_process)
-    stream = batch_stream(run, epoch, index)
+    stream = step_windows(run, epoch, index)
     stop = StopFlag()
     model.train()
     started, window_start = time.perf_counter(), time.perf_counter()
@@ -238,7 +283,7 @@ def train(cfg: Config) -> dict:
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not acc.is_main_process)
     try:
         while step < total_steps:
-            micro = [next(stream) for _ in range(cfg.training.gradient_accumulation_steps)]
+            micro = next(stream)
             batches = [collate(run, mine) for _, _, mine in micro]
             sample_ids = [mine for _, _, mine in micro]
             n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
@@ -261,7 +306,7 @@ def train(cfg: Config) -> dict:
                                     f"(now {cfg.training.learning_rate}) or check the data; last good "
                                     f"checkpoint: {list_checkpoints(output_dir / 'checkpoints')[-1:] or 'none'}")
             max_norm = cfg.training.max_grad_norm or float("inf")
-            grad_norm = float(acc.clip_grad_norm_(params, max_norm))
+            grad_norm = acc.clip_grad_norm_(params, max_norm)  # None under DeepSpeed when the engine has none
             lr = run.scheduler.get_last_lr()[0]
             optimizer.step()
             run.scheduler.step()
@@ -281,9 +326,11 @@ def train(cfg: Config) -> dict:
             bar.set_postfix(loss=f"{loss:.3f}")
             if step % cfg.training.logging_steps == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
-                tracker.log({"step": step, "epoch": round(epoch + index / max(1, n_batches), 3), "loss": loss,
-                             "learning_rate": lr, "grad_norm": grad_norm,
-                             "tokens_per_s": window_tokens / elapsed, "supervised_tokens_per_s": window_sup / elapsed})
+                size = epoch_sizes[min(epoch, len(epoch_sizes) - 1)]
+                row = {"step": step, "epoch": round(epoch + index / max(1, size), 3), "loss": loss,
+                       "learning_rate": lr, "tokens_per_s": window_tokens / elapsed,
+                       "supervised_tokens_per_s": window_sup / elapsed}
+                tracker.log(row if grad_norm is None else {**row, "grad_norm": float(grad_norm)})  # None: missing
                 window_start, window_tokens, window_sup = time.perf_counter(), 0, 0
             paused = time.perf_counter()  # evaluation and saving are not training time
             if val_set and (step % cfg.training.eval_steps == 0 or step == total_steps):
@@ -315,26 +362,13 @@ def train(cfg: Config) -> dict:
         "mixed_precision": acc.mixed_precision, "device": str(acc.device)})
 
 
-def batches_per_epoch(run: Run) -> int:
-    """Micro-batches this process runs in one epoch (epoch 0; every epoch has as many)."""
-    count = 0
-    for epoch, _, _ in batch_stream(run, 0, 0):
-        if epoch > 0:
-            return count
-        count += 1
-    return count
-
-
-def raw_optimizer(optimizer):
-    """The torch optimizer inside accelerate's wrapper."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
 def save_state(run: Run, output_dir: Path, step: int, epoch: int, next_index: int) -> None:
+    rng_states = gather_object([rng_state()])  # one per process, by rank: each drew its own dropout masks
     if run.acc.is_main_process:
         save_checkpoint(output_dir / "checkpoints" / f"checkpoint-{step}",
                         trainable_state(run.acc.unwrap_model(run.model)), raw_optimizer(run.optimizer),
-                        run.scheduler, {"step": step, "epoch": epoch, "next_index": next_index})
+                        run.scheduler, {"step": step, "epoch": epoch, "next_index": next_index,
+                                        "batch_stream": run.stream_settings}, rng_states)
     run.acc.wait_for_everyone()
 
 
@@ -342,8 +376,6 @@ def finish(run: Run, tokenizer, output_dir: Path, summary: dict) -> dict:
     """Save the adapter / model, print and write the summary."""
     acc = run.acc
     # One fingerprint per process: data-parallel replicas must end bit-identical.
-    from accelerate.utils import gather_object
-
     digest = hashlib.sha256()
     for name, tensor in sorted(trainable_state(acc.unwrap_model(run.model)).items()):
         digest.update(name.encode() + tensor.float().cpu().numpy().tobytes())

@@ -4,18 +4,21 @@ and the encoded data. Kept apart from train.py so the loop stays one screen.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from zhlora.checkpoint import list_checkpoints
+from zhlora.adapter import trainable_state
+from zhlora.checkpoint import list_checkpoints, load_checkpoint
 from zhlora.config import Config, ConfigError, load_config
 from zhlora.formatting import encode_sample
+from zhlora.progressive import grow_lora
 
 
 @dataclass
@@ -28,6 +31,7 @@ class Run:
     scheduler: object
     train: list[dict]
     pad_id: int
+    stream_settings: dict = field(default_factory=dict)  # saved in each checkpoint: batch_stream_settings
 
 
 def make_accelerator(cfg: Config):
@@ -46,7 +50,23 @@ def make_accelerator(cfg: Config):
         # A notebook, a test or a sweep may train twice in one process; one process alone
         # has nothing to share, so it starts from a fresh state.
         reset_accelerate_state()
-    return Accelerator(cpu=cpu, mixed_precision=precision)
+    acc = Accelerator(cpu=cpu, mixed_precision=precision)
+    check_deepspeed(cfg, acc)
+    return acc
+
+
+def check_deepspeed(cfg: Config, acc) -> None:
+    """The loop accumulates gradients itself: acc.no_sync on all micro-batches but the last.
+    Under DeepSpeed no_sync does nothing, and accelerate's backward steps the engine whenever
+    sync_gradients is true, which it always is here: accumulation 4 would take 4 optimizer
+    steps of a quarter-batch each. Refused rather than trained differently from what was asked."""
+    from accelerate.utils import DistributedType
+
+    n = cfg.training.gradient_accumulation_steps
+    if acc.distributed_type == DistributedType.DEEPSPEED and n > 1:
+        raise ConfigError(f"training.gradient_accumulation_steps={n}: DeepSpeed would step the optimizer on every "
+                          "micro-batch of zhlora's loop; use 1 with a larger training.batch_size or more processes, "
+                          "or run data-parallel without DeepSpeed (torchrun)")
 
 
 def reset_accelerate_state() -> None:
@@ -74,8 +94,40 @@ def load_split(path: str, tokenizer, cfg: Config) -> tuple[list[dict], int]:
     return samples, len(encoded) - len(samples)
 
 
-def resume_point(cfg: Config, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from: training.resume = false | true | a path."""
+def file_sha256(path: str) -> str | None:
+    """The content's fingerprint (None for a missing file: load_split says so, with advice)."""
+    file = Path(path)
+    if not file.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def batch_stream_settings(cfg: Config, processes: int) -> dict:
+    """What decides which samples each process draws at each step, besides training.batch_size
+    and training.seed (checked from config.yaml). A checkpoint records them; a resume that
+    changes one would replay another stream from the saved position, so it is refused. The
+    train file counts by content: moving it is fine, editing it is not."""
+    return {"training.gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
+            "training.packing": cfg.training.packing, "training.group_by_length": cfg.training.group_by_length,
+            "data.max_length": cfg.data.max_length, "data.tasks": cfg.data.tasks,
+            "data.train_file sha256": file_sha256(cfg.data.train_file), "processes": processes}
+
+
+def check_batch_stream(folder: Path, settings: dict) -> None:
+    saved = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8")).get("batch_stream", {})
+    for key, new in settings.items():
+        if key in saved and saved[key] != new:  # a setting a checkpoint does not hold cannot be checked
+            raise ConfigError(f"{key}: the checkpoint was trained with {saved[key]!r}, this run asks {new!r}; "
+                              "resume needs the same value")
+
+
+def resume_point(cfg: Config, output_dir: Path, settings: dict) -> Path | None:
+    """The checkpoint to resume from: training.resume = false | true | a path. settings:
+    batch_stream_settings of this run, which must equal the checkpoint's."""
     resume = cfg.training.resume
     if resume == "false":
         return None
@@ -101,7 +153,42 @@ def resume_point(cfg: Config, output_dir: Path) -> Path | None:
             if old != new:
                 raise ConfigError(f"{key}: the checkpoint was trained with {old!r}, this run asks {new!r}; "
                                   "resume needs the same value")
+    check_batch_stream(folder, settings)
     return folder
+
+
+def raw_optimizer(optimizer):
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def resume(run: Run, folder: Path, growth: dict) -> tuple[int, int, int]:
+    """Load a checkpoint into the run (this process's own RNG state); returns (step, epoch, next_index)."""
+    model = run.acc.unwrap_model(run.model)
+    done = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))["step"]
+    for at, r in growth.items():  # the checkpoint holds the grown shapes
+        if at <= done:
+            grow_lora(model, raw_optimizer(run.optimizer), r)
+    tensors, state = load_checkpoint(folder, run.optimizer, run.scheduler, run.acc.process_index)
+    load_trainable(model, tensors)
+    return state["step"], state["epoch"], state["next_index"]
+
+
+def load_trainable(model, tensors: dict) -> None:
+    """A checkpoint holds no frozen base weight, hence strict=False; so check by hand that it holds
+    exactly the trainable parameters: another lora.target_modules or a renamed module would
+    otherwise leave some at their initial values, silently."""
+    expected = set(trainable_state(model))
+    missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+    if missing or unexpected:
+        raise ConfigError(f"training.resume: the checkpoint's trainable weights do not match the model\n"
+                          f"  missing: {few(missing)}\n  unexpected: {few(unexpected)}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def few(keys: list[str]) -> str:
+    """At most 5 names: a wrong lora.target_modules misses hundreds."""
+    return (", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")) if keys else "none"
 
 
 def check_output_dir(cfg: Config, output_dir: Path, resuming: bool) -> None:
