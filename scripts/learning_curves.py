@@ -38,7 +38,7 @@ def read_point(folder: Path) -> dict:
     tasks = {}
     for task, row in results["per_task"].items():
         if "exact_match" in row:
-            tasks[task] = {"n": row["n"], "exact_match": row["exact_match"], "ci": row["exact_match_ci"]}
+            tasks[task] = {"n": row.get("n_exact", row["n"]), "exact_match": row["exact_match"], "ci": row["exact_match_ci"]}
     scored = [t for t in tasks if t not in SCORED_APART]
     hits = round(sum(tasks[t]["exact_match"] * tasks[t]["n"] for t in scored))
     rows = sum(tasks[t]["n"] for t in scored)

@@ -466,3 +466,19 @@ def test_real_datasets_load_with_every_refused_row_explained(name):
         assert all(p.field.endswith(".from") or p.field in ("tools", "row")
                    for p in result.problems)
         assert result.counts["dropped_unsupported"] >= 159  # rows with tool roles
+
+
+def test_prepare_records_its_settings_and_a_changed_config_is_named(tmp_path):
+    """quick_start.py regenerates data made with other settings: settings_changes says which."""
+    from zhlora.config import load_config
+    from zhlora.prepare import prepare, settings_changes
+
+    cfg = load_config(None, ["data.num_samples=60", "data.tasks=[num2cn, digits]"])
+    assert settings_changes(cfg, [], tmp_path) == [f"no {tmp_path / 'data_settings.json'}"]
+    prepare(cfg, [], tmp_path)
+    assert {row["task"] for row in json.loads((tmp_path / "chinese_instructions.json").read_text("utf-8"))} == {
+        "num2cn", "digits"}  # data.tasks decides what is generated
+    assert settings_changes(cfg, [], tmp_path) == []
+    other = load_config(None, ["data.num_samples=80", "data.tasks=[num2cn, digits]"])
+    changes = settings_changes(other, [], tmp_path)
+    assert len(changes) == 1 and changes[0].startswith("num_samples: 60 in ") and changes[0].endswith("80 now")

@@ -20,7 +20,7 @@ from zhlora.generation import decoding_settings
 from zhlora.formatting import IGNORE_INDEX, encode_prompt, encode_sample
 
 TOP_LEVEL = [*metrics.HEADLINE, "test_loss", "perplexity", "num_samples", "ci", "per_task", "num_generated",
-             "prompts_truncated", "forced_vs_generated", "baseline", "delta", "delta_ci", "config", "versions", "settings", "definitions", "seconds"]
+             "prompts_truncated", "unscored", "forced_vs_generated", "baseline", "delta", "delta_ci", "config", "versions", "settings", "definitions", "seconds"]
 PREDICTION_KEYS = ["instruction", "input", "task", "prompt", "reference", "prediction", "baseline_prediction",
                    "finished", "exact_match", "generated_exact_match", "similarity", "rouge_l", "bleu_4",
                    "generation_time"]

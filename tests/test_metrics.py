@@ -119,7 +119,7 @@ def test_summarize_means_and_per_task():
     assert summary["avg_similarity"] == pytest.approx((1 + 0.5 + 0.75) / 3)
     per_task = dict(summary["per_task"]["num2cn"])
     assert per_task.pop("exact_match_ci") == pytest.approx(list(metrics.wilson_ci(1, 2)))
-    assert per_task == pytest.approx({"n": 2, "exact_match": 0.5, "avg_similarity": 0.75,
+    assert per_task == pytest.approx({"n": 2, "n_exact": 2, "n_generated": 2, "exact_match": 0.5, "avg_similarity": 0.75,
                                       "rouge_l": np.mean([s["rouge_l"] for s in scores[:2]])})
     assert "exact_match" not in summary["per_task"]["open_qa"]
     assert set(summary["ci"]) == set(metrics.CI_METRICS)

@@ -330,7 +330,7 @@ def batch(chat: Chat, input_path: Path, output_path: Path, seed: int) -> int:
 
 
 HELDOUT_PER_TASK = 8
-HELDOUT_MAX_NEW_TOKENS = 48  # the held-out answers are short; the base model would ramble for 256
+HELDOUT_MAX_NEW_TOKENS = 64  # the longest self_cognition answer is ~55 tokens; the base would ramble for 256
 
 
 def heldout_tasks(cfg) -> list[str]:

@@ -103,15 +103,18 @@ FORCED_TASKS = CHECKABLE_TASKS - {"self_cognition"}
 
 
 @torch.no_grad()
-def teacher_forced(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int):
+def teacher_forced(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int, max_new_tokens: int):
     """(per-row greedy match, test loss): one forward pass per batch, no generation.
 
     Greedy decoding reproduces a reference exactly when, given the reference's own prefix,
     every reference token and the stop token after it are the model's argmax: then step by
     step greedy picks exactly those tokens and stops. So one forward pass over prompt +
-    reference answers "would greedy generation write this answer?" for every row, at the
-    cost of one training forward; generation needs one pass per new token. The match is
-    None for rows whose answer does not survive data.max_length (training skips them too).
+    reference answers "would greedy generation write this answer's exact tokens and stop within
+    max_new_tokens?" for every row, at the cost of one training forward; generation needs one
+    pass per new token. This is stricter than tasks.check_answer on a generated text, which
+    forgives a trailing "。", case in pinyin and the wrapping around sort/extreme numbers:
+    forced_vs_generated counts the rows where the two disagree, each way. The match is None
+    for a row whose answer or stop token does not survive data.max_length.
     The same pass gives the test loss: mean cross-entropy per answer token (stop token included).
     """
     # answer tokens only, even after data.train_on_prompt: greedy decoding is asked for the answer
@@ -121,8 +124,9 @@ def teacher_forced(model, tokenizer, rows: list[dict], cfg: Config, batch_size: 
     per_row, loss_sum, tokens = forced_argmax(model, tokenizer, samples, batch_size)
     for i, (targets, hits) in per_row.items():
         # up to and including the first stop token: generation ends there (a "\n" after it is never generated)
-        end = next((k + 1 for k, t in enumerate(targets) if t in stop), len(targets))
-        matches[i] = all(hits[:end])
+        end = next((k + 1 for k, t in enumerate(targets) if t in stop), None)
+        if end is not None:  # None: max_length cut the stop token off, so stopping was never checked
+            matches[i] = all(hits[:end]) and end <= max_new_tokens
     return matches, (loss_sum / tokens if tokens else None)
 
 
@@ -163,7 +167,7 @@ def score_model(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int
     how often the two agree. Similarity, BLEU, ROUGE, length and success_rate come from the
     generated rows only; prompts and generations are None for rows not generated.
     """
-    forced, loss = teacher_forced(model, tokenizer, rows, cfg, batch_size)
+    forced, loss = teacher_forced(model, tokenizer, rows, cfg, batch_size, max_new_tokens)
     chosen = generation_rows(rows, generate_samples)
     prompts: list = [None] * len(rows)
     generations: list = [None] * len(rows)
@@ -175,12 +179,15 @@ def score_model(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int
         generations[i] = g
     scores = [score_row(row, g, f) for row, g, f in zip(rows, generations, forced)]
     summary = metrics.summarize(scores)
-    agree = [s["exact_match"] == s["generated_exact_match"] for s in scores
+    pairs = [(s["exact_match"], s["generated_exact_match"]) for s in scores
              if s.get("generated_exact_match") is not None and s["exact_match"] is not None]
     summary = {**{k: summary[k] for k in metrics.HEADLINE}, "test_loss": loss,
                "perplexity": None if loss is None else metrics.perplexity(loss), **summary,  # headline keys first
                "num_generated": len(chosen), "prompts_truncated": truncated,
-               "forced_vs_generated": {"rows": len(agree), "agree": sum(agree)}}
+               "unscored": sum(s["exact_match"] is None for s in scores if s["task"] in FORCED_TASKS),
+               "forced_vs_generated": {"rows": len(pairs), "agree": sum(f == g for f, g in pairs),
+                                       "generated_only": sum(g and not f for f, g in pairs),
+                                       "forced_only": sum(f and not g for f, g in pairs)}}
     return prompts, generations, scores, summary
 
 

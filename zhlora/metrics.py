@@ -25,8 +25,8 @@ Metrics (the keys of evaluation_results.json; DEFINITIONS below is read from thi
                         evaluate.py scores a task with one right answer by teacher forcing (does
                         greedy decoding reproduce the reference and then stop?), every row, and
                         checks it against real generations on the rows it also generates
-                        (forced_vs_generated). The headline leaves out SCORED_APART tasks
-                        (self_cognition: does the answer name the assistant and its maker?)
+                        (forced_vs_generated). Every headline mean leaves out SCORED_APART
+                        tasks (self_cognition: does the answer name the assistant and its maker?)
     test_loss           mean cross-entropy per answer token (answer and stop tokens, the prompt never)
                         over the same test rows, from the teacher-forcing pass
     perplexity          exp(test_loss)
@@ -197,8 +197,8 @@ def delta_ci(scores: list[dict], base_scores: list[dict]) -> dict[str, list[floa
     for name in CI_METRICS:
         key = _PER_SAMPLE[name]
 
-        def values(side):  # the headline exact_match leaves SCORED_APART rows out; so does its delta
-            return [None if key == "exact_match" and s["task"] in SCORED_APART else s[key] for s in side]
+        def values(side):  # the headline leaves SCORED_APART rows out; so does its delta
+            return [None if s["task"] in SCORED_APART else s[key] for s in side]
         ci = paired_bootstrap_ci(values(scores), values(base_scores))
         out[name] = None if ci is None else list(ci)
     return out
@@ -227,22 +227,24 @@ def _mean(values: list) -> float | None:
 def summarize(scores: list[dict]) -> dict:
     """Headline means, `ci` (95%: Wilson for RATES, bootstrap otherwise) and `per_task` for a list
     of score_sample dicts. A None score (a row that was not generated) is left out of its mean.
-    The headline exact_match leaves out SCORED_APART tasks; per_task has them."""
+    The headline leaves out SCORED_APART tasks (every metric: their rows are always generated and
+    would outweigh the rest); per_task has them, with n (rows), n_exact (rows with an exact-match
+    verdict) and n_generated (rows behind the similarity and ROUGE means)."""
     headline = [s for s in scores if s["task"] not in SCORED_APART]
-    column = {name: [float(s[key]) for s in (headline if key == "exact_match" else scores) if s[key] is not None]
-              for name, key in _PER_SAMPLE.items()}
+    column = {name: [float(s[key]) for s in headline if s[key] is not None] for name, key in _PER_SAMPLE.items()}
     summary = {name: _mean(column[name]) for name in HEADLINE}
     summary["num_samples"] = len(scores)
     summary["ci"] = {name: _ci(name, column[name]) for name in CI_METRICS}
     per_task = {}
     for task in sorted({s["task"] for s in scores}):
         mine = [s for s in scores if s["task"] == task]
-        row = {"n": len(mine), "avg_similarity": _mean([s["similarity"] for s in mine if s["similarity"] is not None]),
-               "rouge_l": _mean([s["rouge_l"] for s in mine if s["rouge_l"] is not None])}
+        generated = [s for s in mine if s["similarity"] is not None]
+        row = {"n": len(mine), "n_generated": len(generated),
+               "avg_similarity": _mean([s["similarity"] for s in generated]),
+               "rouge_l": _mean([s["rouge_l"] for s in generated])}
         if task in CHECKABLE_TASKS:
             hits = [float(s["exact_match"]) for s in mine if s["exact_match"] is not None]
-            row["exact_match"] = _mean(hits)
-            row["exact_match_ci"] = _ci("exact_match", hits)
+            row["n_exact"], row["exact_match"], row["exact_match_ci"] = len(hits), _mean(hits), _ci("exact_match", hits)
         per_task[task] = row
     summary["per_task"] = per_task
     return summary

@@ -16,6 +16,7 @@ the configured model's tokenizer, and how many samples `data.max_length` truncat
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 from pathlib import Path
 
@@ -30,9 +31,21 @@ SETTINGS_FILE = "data_settings.json"
 
 
 def data_settings(cfg: Config, sources: list[str]) -> dict:
-    """Everything that decides which rows the files hold (written beside them as SETTINGS_FILE)."""
+    """Everything that decides which rows the files hold (written beside them as SETTINGS_FILE);
+    `generator` fingerprints the task generator itself (tasks.py and its resources), so data made
+    by another zhlora version is not taken for this one's."""
     return {"sources": list(sources), "num_samples": cfg.data.num_samples, "tasks": list(cfg.data.tasks),
-            "val_ratio": cfg.data.val_ratio, "test_ratio": cfg.data.test_ratio, "seed": cfg.training.seed}
+            "val_ratio": cfg.data.val_ratio, "test_ratio": cfg.data.test_ratio, "seed": cfg.training.seed,
+            "generator": generator_fingerprint()}
+
+
+def generator_fingerprint() -> str:
+    """sha256 (first 16 hex digits) of zhlora/tasks.py and every zhlora/resources/*.json."""
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in [package / "tasks.py", *sorted((package / "resources").glob("*.json"))]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def settings_changes(cfg: Config, sources: list[str], output_dir: str | Path) -> list[str]:
