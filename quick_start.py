@@ -1,6 +1,6 @@
 """The whole guide in one command, on the embedded SmolLM2-135M model, on a laptop CPU.
 
-    python quick_start.py [key=value ...]        # ~14 minutes on 2 CPU cores (measured: docs/guide.md)
+    python quick_start.py [key=value ...]        # ~13 minutes on 2 CPU cores (measured: docs/guide.md)
 
 This file is the table of contents: each stage below is one guide step, run through
 the same command a learner would type, handing over through files on disk.
