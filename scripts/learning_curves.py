@@ -6,7 +6,9 @@
 Runs configs/experiments/learning_curves.yaml (each point a separate training run with its own
 schedule, every held-out row scored by teacher forcing) into runs/learning_curves/, then writes:
   docs/results/data/learning_curves/curves.json  one row per point: settings, steps, exact match
-                                                 per task with its 95% Wilson
+                                                 and its paired difference to the quick start's
+                                                 setting (bootstrap over the same test rows), exact
+                                                 match per task with its 95% Wilson
                                                  interval, and the mean over the scored tasks
   docs/results/learning_curves.png               exact match against steps per task, and the other
                                                  settings at their step counts
@@ -50,10 +52,34 @@ def read_point(folder: Path) -> dict:
             "test_loss": results.get("test_loss"), "tasks": tasks}
 
 
+def row_hits(folder: Path) -> list[float | None]:
+    """Per test row: 1/0 exact match of the rows the headline counts (None for the others)."""
+    from zhlora.metrics import SCORED_APART
+
+    lines = (folder / "predictions.jsonl").read_text("utf-8").splitlines()
+    rows = [json.loads(line) for line in lines]
+    return [None if r["exact_match"] is None or r["task"] in SCORED_APART else float(r["exact_match"]) for r in rows]
+
+
 def collect(runs: Path) -> list[dict]:
-    folders = sorted(runs.glob("*/seed*/evaluation_results.json"))
-    points = [read_point(f.parent) for f in folders]
+    """Every finished point, with its paired difference to the quick start's setting (REFERENCE)."""
+    from zhlora.metrics import paired_bootstrap_ci
+
+    folders = [f.parent for f in sorted(runs.glob("*/seed*/evaluation_results.json"))]
+    points = [read_point(folder) for folder in folders]
+    reference = next((f for f, p in zip(folders, points) if is_reference(p)), None)
+    for folder, point in zip(folders, points):
+        if reference is not None and folder != reference:
+            mine, ref = row_hits(folder), row_hits(reference)  # the same test rows, in file order
+            diffs = [a - b for a, b in zip(mine, ref) if a is not None and b is not None]
+            point["diff_vs_reference"] = sum(diffs) / len(diffs)
+            point["diff_ci"] = list(paired_bootstrap_ci(mine, ref))
     return sorted(points, key=lambda p: (p["method"], p["target_modules"], p["learning_rate"], p["steps"]))
+
+
+def is_reference(point: dict) -> bool:
+    """configs/quick_start.yaml's setting: all-linear LoRA, lr 1e-3, 200 steps."""
+    return is_main_curve(point) and point["steps"] == 200
 
 
 def is_main_curve(point: dict) -> bool:
@@ -80,24 +106,25 @@ def plot(points: list[dict], path: Path) -> Path:
             high = [p["tasks"][task]["ci"][1] for p in main]
             line, = left.plot(steps, values, marker="o", label=task)
             left.fill_between(steps, low, high, color=line.get_color(), alpha=0.12)
-        left.set(xscale="log", xlabel=label("训练步数（batch 8）", "steps, batch 8"), ylim=(0, 1.02),
-                 ylabel=label("留出集精确匹配", "held-out exact match"),
+        left.set(xlabel=label("训练步数（batch 8）", "steps, batch 8"), ylim=(0, 1.02),
+                 ylabel=label("测试集精确匹配", "test exact match"),
                  title=label("all-linear, 学习率 1e-3：每类任务", "all-linear, lr 1e-3, per task"))
         left.set_xticks([p["steps"] for p in main], [str(p["steps"]) for p in main])
         left.grid(alpha=0.3)
         left.legend(fontsize=8)
-        for group, marker in ((main, "o"), (others, "s")):
-            for p in group:
-                lo, hi = p["exact_match_ci"]
-                name = "full" if p["method"] == "full" else f"{p['target_modules']} lr {p['learning_rate']:g}"
-                right.errorbar(p["steps"], p["exact_match"], yerr=[[p["exact_match"] - lo], [hi - p["exact_match"]]],
-                               fmt=marker, capsize=3, label=f"{name}, {p['steps']} steps")
-        # steps, not minutes: the sweep's own timings shared the CPU with other jobs (see the guide)
-        right.set(xscale="log", xlabel=label("训练步数（batch 8）", "steps, batch 8"), ylim=(0, 1.02),
-                  ylabel=label("四类任务精确匹配", "exact match, 4 tasks"),
-                  title=label("设置对比（95% Wilson 区间）", "settings, 95% Wilson intervals"))
-        right.grid(alpha=0.3)
-        right.legend(fontsize=7)
+        # One row per setting: several settings share 200 steps, so an x axis of steps would stack them.
+        ordered = main + others
+        for y, p in enumerate(ordered):
+            lo, hi = p["exact_match_ci"]
+            right.errorbar(p["exact_match"], y, xerr=[[p["exact_match"] - lo], [hi - p["exact_match"]]],
+                           fmt="o" if is_main_curve(p) else "s", capsize=3, color="C0" if is_reference(p) else "C7")
+        names = [("全量微调 full" if p["method"] == "full" else f"{p['target_modules']} lr {p['learning_rate']:g}")
+                 + f", {p['steps']} steps" for p in ordered]
+        right.set_yticks(range(len(ordered)), names, fontsize=8)
+        right.invert_yaxis()
+        right.set(xlim=(0, 1.02), xlabel=label("四类任务精确匹配（95% Wilson 区间）", "exact match, 4 tasks, 95% Wilson"),
+                  title=label("设置对比", "settings"))
+        right.grid(axis="x", alpha=0.3)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)

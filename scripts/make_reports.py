@@ -544,15 +544,33 @@ def section_learning_curves(root: Path, data: Path, link: str) -> str:
     rows = []
     for p in points:
         setting = "全量微调" if p["method"] == "full" else f"LoRA {p['target_modules']}"
+        diff = "（基准）" if "diff_ci" not in p else f"{p['diff_vs_reference']:+.3f} {_interval(p['diff_ci'])}"
         rows.append([setting, f"{p['learning_rate']:g}", str(p["steps"]), fmt(p["exact_match"]),
-                     _plain_interval(p["exact_match_ci"]), *(fmt(p["tasks"][t]["exact_match"]) for t in tasks)])
+                     _plain_interval(p["exact_match_ci"]), diff, *(fmt(p["tasks"][t]["exact_match"]) for t in tasks)])
     n = points[0]["rows"]
     return "\n".join([
         f"每行是一次独立训练（batch 8，学习率按各自总步数预热并线性衰减），在同一份留出测试集上评估；"
-        f"“精确匹配”是四类任务共 {n} 行的合计，区间为 95% Wilson 区间；各任务一列（self_cognition 单独计分）。"
+        f"“精确匹配”是四类任务共 {n} 行的合计，区间为 95% Wilson 区间；“之差”是与快速上手的设置（LoRA all-linear、"
+        "学习率 1e-3、200 步）在同一批测试行上逐行配对的自助法区间，区间不含 0 才算有差别；各任务一列（self_cognition 单独计分）。"
         "由 `python scripts/learning_curves.py` 生成。", "",
-        *table(["设置", "学习率", "步数", "精确匹配", "95% 区间", *tasks], rows), "",
-        f"![learning_curves]({link.rsplit('/', 1)[0]}/learning_curves.png)"])
+        *table(["设置", "学习率", "步数", "精确匹配", "95% 区间", "与快速上手设置之差（逐行配对 95% 区间）", *tasks], rows), "",
+        f"![learning_curves]({link.rsplit('/', 1)[0]}/learning_curves.png)", "",
+        "逐个和快速上手的设置比（结论由区间决定，不是手写的）：", "",
+        *(f"- {curve_verdict(p)}" for p in points if "diff_ci" in p)])
+
+
+def curve_verdict(point: dict) -> str:
+    """One sentence per setting: better, worse, or no difference, by whether the paired interval excludes 0."""
+    name = ("全量微调" if point["method"] == "full" else f"LoRA {point['target_modules']}") + \
+        f"、学习率 {point['learning_rate']:g}、{point['steps']} 步"
+    low, high = point["diff_ci"]
+    if low > 0:
+        word = f"比快速上手的设置高 {point['diff_vs_reference']:.3f}"
+    elif high < 0:
+        word = f"比快速上手的设置低 {-point['diff_vs_reference']:.3f}"
+    else:
+        word = "与快速上手的设置相当（区间含 0，不能说谁更好）"
+    return f"{name}：精确匹配 {fmt(point['exact_match'])}，{word}，配对 95% 区间 {_interval(point['diff_ci'])}。"
 
 
 def _interval(ci: list[float] | None) -> str:

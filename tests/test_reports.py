@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 mr = load_make_reports()
-SECTIONS = ["lora_code", "quick_start", "params", "lora_vs_full", "bench", "faq", "experiments", "task_adapters",
+SECTIONS = ["lora_code", "quick_start", "learning_curves", "default_run", "params", "lora_vs_full", "bench", "faq", "experiments", "task_adapters",
             "distill"]
 
 
@@ -299,3 +299,27 @@ def test_distillation_sentence_follows_the_numbers(tmp_path, labels_only_loss, w
         assert words in text
     else:
         assert "按测试 loss" not in text and "| 学生，只用标签训练（同样设置，不用教师） | - |" in text
+
+
+def test_learning_curve_verdicts_follow_the_paired_intervals(tmp_path):
+    root = fake_root(tmp_path)
+    folder = root / "docs" / "results" / "data" / "learning_curves"
+    folder.mkdir(parents=True)
+    tasks = {"cn2num": {"n": 63, "exact_match": 0.5, "ci": [0.4, 0.6]}}
+
+    def point(modules, lr, steps, em, diff=None, ci=None):
+        out = {"method": "lora", "target_modules": modules, "learning_rate": lr, "steps": steps, "exact_match": em,
+               "exact_match_ci": [em - 0.05, em + 0.05], "rows": 252, "tasks": tasks}
+        return out if diff is None else {**out, "diff_vs_reference": diff, "diff_ci": ci}
+
+    (folder / "curves.json").write_text(json.dumps([
+        point("all-linear", 1e-3, 200, 0.647),
+        point("q_proj,v_proj", 1e-3, 200, 0.397, -0.25, [-0.31, -0.19]),
+        point("all-linear", 3e-3, 200, 0.66, 0.013, [-0.03, 0.05]),
+        point("all-linear", 1e-3, 400, 0.75, 0.10, [0.05, 0.15])]), encoding="utf-8")
+    assert mr.main(["--root", str(root), "--no_collect"]) == 0
+    section = generated((root / "docs" / "guide.md").read_text(encoding="utf-8"), "learning_curves")
+    assert "| LoRA all-linear | 0.001 | 200 | 0.647 | [0.597, 0.697] | （基准） | 0.500 |" in section
+    assert "LoRA q_proj,v_proj、学习率 0.001、200 步：精确匹配 0.397，比快速上手的设置低 0.250" in section
+    assert "学习率 0.003、200 步：精确匹配 0.660，与快速上手的设置相当（区间含 0" in section  # a tie is no winner
+    assert "400 步：精确匹配 0.750，比快速上手的设置高 0.100，配对 95% 区间 [+0.050, +0.150]" in section
