@@ -469,7 +469,7 @@ def quick_start_results(results: dict) -> list[str]:
              "（训练从没见过的问法见下面的演示）。有唯一正确答案的任务每行都用教师强制判定精确匹配，"
              f"self_cognition 按真实生成判定；共有 {results.get('num_generated')} 行真的贪心生成（max_new_tokens "
              f"{results.get('settings', {}).get('max_new_tokens')}），用于示例、相似度和“作答并停止”。"
-             "除“行数”与各任务一行外，指标都不含单独计分的 self_cognition。", "",
+             "精确匹配、作答并停止和相似度都不含单独计分的 self_cognition（它在各任务表里单独一行）；测试损失含全部行。", "",
              *table(["任务", "行数", "微调前（基座）", "微调后（LoRA）", "微调后的 95% 区间"], rows), ""]
     if agree.get("rows"):
         lines += [f"教师强制与真实生成的一致性：在同时生成了的 {agree['rows']} 行上，两种判定有 {agree['agree']} 行一致"
