@@ -28,6 +28,7 @@ from pathlib import Path
 from zhlora import metrics
 from zhlora.cli import main as zhlora
 from zhlora.config import load_config
+from zhlora.data import write_json
 from zhlora.prepare import settings_changes
 
 CONFIG = "configs/quick_start.yaml"
@@ -66,7 +67,7 @@ def main(argv: list[str]) -> int:
     stage("第五步 plot", ["plot", "--output_dir", str(out)], timing)
     stage("第六步 demo", ["demo", "--model_path", str(out), "--mode", "batch"], timing)
     timing["total"] = round(time.perf_counter() - began, 1)
-    (out / "quick_start_timing.json").write_text(json.dumps(timing, indent=1) + "\n", "utf-8")
+    write_json(out / "quick_start_timing.json", timing)  # atomic: a killed run leaves no half file
     report(out, data_dir, timing)
     return 0
 

@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", type=Path, default=Path("runs/learning_curves"))
     parser.add_argument("--no_run", action="store_true", help="do not train; read the finished runs only")
     args = parser.parse_args(argv)
+    from zhlora.data import write_json
+
     if not args.no_run:
         from zhlora.experiment import main as experiment
 
@@ -147,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if not points:
         print(f"learning_curves: no finished run under {args.output_dir}", file=sys.stderr)
         return 1
-    CURVES.parent.mkdir(parents=True, exist_ok=True)
-    CURVES.write_text(json.dumps(points, indent=1, ensure_ascii=False) + "\n", "utf-8")
+    write_json(CURVES, points)  # atomic, like every data file the project writes
     print(f"{'setting':<34}{'steps':>6}{'EM':>7}   95% CI        " + " ".join(f"{t:>8}" for t in points[0]["tasks"]))
     for p in points:
         name = "full" if p["method"] == "full" else f"{p['target_modules']} lr {p['learning_rate']:g}"
