@@ -1,6 +1,6 @@
 """The whole guide in one command, on the embedded SmolLM2-135M model, on a laptop CPU.
 
-    python quick_start.py [key=value ...]        # ~13 minutes on 2 CPU cores (measured: docs/guide.md)
+    python quick_start.py [key=value ...]        # ~10 minutes on 2 CPU cores (measured: docs/guide.md)
 
 This file is the table of contents: each stage below is one guide step, run through
 the same command a learner would type, handing over through files on disk.
@@ -34,7 +34,7 @@ from zhlora.prepare import settings_changes
 CONFIG = "configs/quick_start.yaml"
 # Every test row is scored by teacher forcing (one forward pass each); these many are also
 # generated for the examples, similarity and ROUGE (plus every self_cognition row).
-GENERATE_SAMPLES = 40
+GENERATE_SAMPLES = 16  # with the ~45 self_cognition rows: two batches of 32 per model
 MAX_NEW_TOKENS = 64  # the longest reference (a self_cognition answer) is about 55 tokens
 EXAMPLE_TASKS = ("num2cn", "cn2num", "self_cognition")
 

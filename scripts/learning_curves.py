@@ -90,14 +90,12 @@ def is_main_curve(point: dict) -> bool:
 def plot(points: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    from zhlora.plots import cjk_font, make_label
+    from zhlora.files import save_png
+    from zhlora.plots import chinese_labels
 
-    family = cjk_font()
-    label = make_label(family is not None)
-    style = {"font.family": "sans-serif", "font.sans-serif": [family, "DejaVu Sans"] if family else ["DejaVu Sans"]}
     main = sorted((p for p in points if is_main_curve(p)), key=lambda p: p["steps"])
     others = [p for p in points if not is_main_curve(p)]
-    with plt.rc_context(style):
+    with chinese_labels() as label:
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
         for task in main[0]["tasks"] if main else []:
             steps = [p["steps"] for p in main]
@@ -125,11 +123,7 @@ def plot(points: list[dict], path: Path) -> Path:
         right.set(xlim=(0, 1.02), xlabel=label("四类任务精确匹配（95% Wilson 区间）", "exact match, 4 tasks, 95% Wilson"),
                   title=label("设置对比", "settings"))
         right.grid(axis="x", alpha=0.3)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return path
+        return save_png(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,12 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", type=Path, default=Path("runs/learning_curves"))
     parser.add_argument("--no_run", action="store_true", help="do not train; read the finished runs only")
     args = parser.parse_args(argv)
-    from zhlora.data import write_json
+    from zhlora.files import write_json
 
     if not args.no_run:
-        from zhlora.experiment import main as experiment
+        from zhlora.cli import main as zhlora
 
-        status = experiment([EXPERIMENT, "--output_dir", str(args.output_dir)])
+        status = zhlora(["experiment", EXPERIMENT, "--output_dir", str(args.output_dir)])
         if status != 0:
             return status
     points = collect(args.output_dir)

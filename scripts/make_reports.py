@@ -42,6 +42,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+from zhlora.files import write_atomic
 from zhlora.metrics import SCORED_APART, metric_label
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,7 +124,7 @@ def mean_std(row: dict, metric: str) -> str:
     return fmt(mean) + ("" if std is None else f" ± {fmt(std)}")
 
 
-def load_experiment(folder: Path) -> list[dict] | None:
+def read_results(folder: Path) -> list[dict] | None:
     """results.csv rows, each with the config, train summary and evaluation of its first seed."""
     path = folder / "results.csv"
     if not path.is_file():
@@ -350,7 +351,7 @@ def claims(lora: dict, full: dict) -> list[tuple]:
 
 
 def section_lora_vs_full(root: Path, data: Path, link: str) -> str:
-    rows = load_experiment(data / "experiments" / "lora_vs_full")
+    rows = read_results(data / "experiments" / "lora_vs_full")
     lora, full = (_pick(rows, "lora"), _pick(rows, "full")) if rows else (None, None)
     if not (lora and full):
         return f"{NOT_YET} 运行 `zhlora experiment configs/experiments/lora_vs_full.yaml`，{REGENERATE}"
@@ -550,12 +551,12 @@ def section_learning_curves(root: Path, data: Path, link: str) -> str:
     n = points[0]["rows"]
     return "\n".join([
         f"每行是一次独立训练（batch 8，学习率按各自总步数预热并线性衰减），在同一份留出测试集上评估；"
-        f"“精确匹配”是四类任务共 {n} 行的合计，区间为 95% Wilson 区间；“之差”是与快速上手的设置（LoRA all-linear、"
+        f"“精确匹配”是四类任务共 {n} 行的合计，区间为 95% Wilson 区间；“之差”是与参照设置（LoRA all-linear、"
         "学习率 1e-3、200 步）在同一批测试行上逐行配对的自助法区间，区间不含 0 才算有差别；各任务一列（self_cognition 单独计分）。"
         "由 `python scripts/learning_curves.py` 生成。", "",
-        *table(["设置", "学习率", "步数", "精确匹配", "95% 区间", "与快速上手设置之差（逐行配对 95% 区间）", *tasks], rows), "",
+        *table(["设置", "学习率", "步数", "精确匹配", "95% 区间", "与参照设置之差（逐行配对 95% 区间）", *tasks], rows), "",
         f"![learning_curves]({link.rsplit('/', 1)[0]}/learning_curves.png)", "",
-        "逐个和快速上手的设置比（结论由区间决定，不是手写的）：", "",
+        "逐个和参照设置比（结论由区间决定，不是手写的）：", "",
         *(f"- {curve_verdict(p)}" for p in points if "diff_ci" in p)])
 
 
@@ -565,11 +566,11 @@ def curve_verdict(point: dict) -> str:
         f"、学习率 {point['learning_rate']:g}、{point['steps']} 步"
     low, high = point["diff_ci"]
     if low > 0:
-        word = f"比快速上手的设置高 {point['diff_vs_reference']:.3f}"
+        word = f"比参照设置高 {point['diff_vs_reference']:.3f}"
     elif high < 0:
-        word = f"比快速上手的设置低 {-point['diff_vs_reference']:.3f}"
+        word = f"比参照设置低 {-point['diff_vs_reference']:.3f}"
     else:
-        word = "与快速上手的设置相当（区间含 0，不能说谁更好）"
+        word = "与参照设置相当（区间含 0，不能说谁更好）"
     return f"{name}：精确匹配 {fmt(point['exact_match'])}，{word}，配对 95% 区间 {_interval(point['diff_ci'])}。"
 
 
@@ -652,7 +653,7 @@ def section_experiments(root: Path, data: Path, link: str) -> str:
     for name in names:
         size = _experiment_size(configs / f"{name}.yaml")
         lines += [f"#### {name}", "", f"`zhlora experiment configs/experiments/{name}.yaml`" + (f" {size}" if size else ""), ""]
-        rows = load_experiment(data / "experiments" / name)
+        rows = read_results(data / "experiments" / name)
         if not rows:
             lines += [f"{NOT_YET} 运行上面的命令，{REGENERATE}", ""]
             continue
@@ -796,8 +797,7 @@ def main(argv: list[str] | None = None) -> int:
             diff = difflib.unified_diff(old.splitlines(), text.splitlines(), str(path), "generated", lineterm="", n=1)
             print("\n".join(list(diff)[:40]))
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
+            write_atomic(path, text)
             print(f"[make_reports] wrote {path.relative_to(root)}")
     if args.check and stale:
         print(f"make_reports: out of date: {', '.join(str(p.relative_to(root)) for p in stale)}; run "

@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    from zhlora.server import load_engine, start_in_thread
-    from zhlora.server_app import Limits, build_app
+    from zhlora.serving.app import Limits, build_app, start_in_thread
+    from zhlora.serving.engine import load_engine
 
     engine = load_engine(args.model_path, [])
     server, port = start_in_thread(build_app(engine, Limits(max_tokens=256), api_key=None))

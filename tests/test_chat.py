@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import sys
 
 import pytest
 
@@ -16,7 +17,7 @@ QUESTION = "把1234写成中文数字"
 
 def run_interactive(monkeypatch, capsys, run_dir, lines: list[str], *flags: str) -> tuple[int, str]:
     monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
-    status = chat.main(["--model_path", str(run_dir), "--max_new_tokens", "12", *flags])
+    status = cli_main(["demo", "--model_path", str(run_dir), "--max_new_tokens", "12", *flags])
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err
     return status, captured.out
@@ -105,7 +106,7 @@ def test_batch_reports_bad_lines_and_compares(tiny_run_dir, tmp_path, capsys):
                                                 '{"instruction": "没有结尾"', "", '{"input": "x"}', "[1, 2]",
                                                 json.dumps({"instruction": "你好"}, ensure_ascii=False)])
     out = tmp_path / "a.jsonl"
-    status = chat.main(["--model_path", str(tiny_run_dir), "--mode", "batch", "--input", str(source),
+    status = cli_main(["demo", "--model_path", str(tiny_run_dir), "--mode", "batch", "--input", str(source),
                         "--output", str(out), "--max_new_tokens", "12", "--compare"])
     captured = capsys.readouterr()
     assert status == 1 and "Traceback" not in captured.err
@@ -126,7 +127,7 @@ def test_batch_without_input_compares_on_built_in_heldout_questions(tiny_run_dir
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run_dir, run)
-    assert chat.main(["--model_path", str(run), "--mode", "batch", "--max_new_tokens", "8"]) == 0
+    assert cli_main(["demo", "--model_path", str(run), "--mode", "batch", "--max_new_tokens", "8"]) == 0
     out = capsys.readouterr().out
     written = read_rows(run / "demo_heldout.jsonl")
     assert {row["task"] for row in written} == set(HELDOUT_TASKS)  # the tiny run trained on every task
@@ -144,7 +145,7 @@ def test_batch_without_input_compares_on_built_in_heldout_questions(tiny_run_dir
     (["--adapters", "math=no/such/folder"], "adapter_config.json not found"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, capsys):
-    assert chat.main(argv) == 2
+    assert cli_main(["demo", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
@@ -156,5 +157,5 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
 ])
 def test_usage_errors_exit_2_before_loading(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        chat.main(argv)
+        sys.exit(cli_main(["demo", *argv]))  # as the `zhlora` console script does
     assert exit_info.value.code == 2 and message in capsys.readouterr().err

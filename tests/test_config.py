@@ -45,6 +45,23 @@ def test_bad_values_are_named(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["training.distill_teacher=outputs", "training.packing=true"],
+     "training.distill_teacher: distillation needs training.packing=false"),
+    (["training.progressive=[16@10]", "training.method=full"],
+     "training.progressive: needs training.method=lora and lora.backend=peft"),
+    (["training.progressive=[16@10]", "lora.backend=scratch"],
+     "training.progressive: needs training.method=lora and lora.backend=peft"),
+    (["data.val_ratio=0.5", "data.test_ratio=0.5"], "data.val_ratio + data.test_ratio: must leave rows"),
+])
+def test_keys_that_cannot_go_together_are_refused_at_load(overrides, message):
+    """Checked with the config, not after the model and data load."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+    load_config(None, overrides[:1])  # each key alone is fine
+
+
 @pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=[p.name for p in LAUNCH_CONFIGS])
 def test_accelerate_launch_configs_parse(path):
     import yaml

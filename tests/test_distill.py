@@ -6,8 +6,9 @@ import torch
 
 from conftest import build_tiny_model_dir, tiny_overrides
 from zhlora.config import ConfigError, load_config
-from zhlora.distill import distill_loss_sum, teacher_coarse
+from zhlora.loss import distill_loss_sum
 from zhlora.train import train
+from zhlora.training.distill import teacher_coarse
 
 
 def test_loss_matches_a_hand_computation():
@@ -36,11 +37,12 @@ def test_loss_matches_a_hand_computation():
 
 
 def test_top_k_loss_is_zero_when_the_student_is_the_teacher(tiny_model_dir, tiny_data_dir):
-    from zhlora.batching import collate_padded
+    from zhlora.training.batching import collate_padded
     from zhlora.config import ModelConfig
-    from zhlora.distill import distill_loss_rows, teacher_top_k
-    from zhlora.models import answer_logits, load_model
-    from zhlora.train_setup import load_split
+    from zhlora.loss import answer_logits, distill_loss_rows
+    from zhlora.models import load_model
+    from zhlora.training.distill import teacher_top_k
+    from zhlora.training.setup import load_split
 
     model, tok = load_model(ModelConfig(name=str(tiny_model_dir)), torch.device("cpu"))
     samples = load_split(tiny_data_dir / "val.json", tok, load_config(None, [f"model.name={tiny_model_dir}"]))[0][:4]
@@ -53,7 +55,7 @@ def test_top_k_loss_is_zero_when_the_student_is_the_teacher(tiny_model_dir, tiny
 
 
 def test_a_minus_inf_teacher_logit_gives_no_nan():
-    from zhlora.distill import distill_loss_rows
+    from zhlora.loss import distill_loss_rows
 
     student = torch.randn(3, 6, requires_grad=True)
     teacher = torch.randn(3, 6)
@@ -68,11 +70,11 @@ def test_a_minus_inf_teacher_logit_gives_no_nan():
 
 
 def test_answer_rows_loss_equals_the_whole_sequence_loss(tiny_model_dir, tiny_data_dir):
-    from zhlora.batching import collate_padded
+    from zhlora.training.batching import collate_padded
     from zhlora.config import ModelConfig
-    from zhlora.distill import distill_loss_rows
-    from zhlora.models import answer_logits, load_model
-    from zhlora.train_setup import load_split
+    from zhlora.loss import answer_logits, distill_loss_rows
+    from zhlora.models import load_model
+    from zhlora.training.setup import load_split
 
     model, tok = load_model(ModelConfig(name=str(tiny_model_dir)), torch.device("cpu"))
     samples = load_split(tiny_data_dir / "val.json", tok, load_config(None, [f"model.name={tiny_model_dir}"]))[0][:4]
@@ -129,9 +131,9 @@ def test_keep_layers_picks_evenly_spaced_layers(tiny_model_dir):
 
 def test_batched_teacher_top_k_equals_one_by_one(tiny_model_dir, tiny_data_dir):
     from zhlora.config import ModelConfig
-    from zhlora.distill import teacher_top_k
     from zhlora.models import load_model
-    from zhlora.train_setup import load_split
+    from zhlora.training.distill import teacher_top_k
+    from zhlora.training.setup import load_split
 
     model, tok = load_model(ModelConfig(name=str(tiny_model_dir)), torch.device("cpu"))
     cfg = load_config(None, [f"model.name={tiny_model_dir}"])
@@ -165,7 +167,7 @@ def test_cache_covers_accumulation_and_a_second_epoch(tiny_model_dir, tiny_data_
 
 def test_resume_with_more_steps_tops_up_the_teacher_cache(tiny_model_dir, tiny_data_dir, tiny_run_dir, tmp_path,
                                                           monkeypatch):
-    import zhlora.distill
+    import zhlora.training.distill
     from safetensors.torch import load_file
 
     out = tmp_path / "student"
@@ -174,8 +176,8 @@ def test_resume_with_more_steps_tops_up_the_teacher_cache(tiny_model_dir, tiny_d
     train(load_config(None, [*base, "training.max_steps=2"]))
     first = load_file(str(out / "teacher_top4.safetensors"))
     computed = []
-    real = zhlora.distill.teacher_top_k
-    monkeypatch.setattr(zhlora.distill, "teacher_top_k",
+    real = zhlora.training.distill.teacher_top_k
+    monkeypatch.setattr(zhlora.training.distill, "teacher_top_k",
                         lambda teacher, samples, ids, *a, **k: computed.extend(ids) or real(teacher, samples, ids,
                                                                                           *a, **k))
     train(load_config(None, [*base, "training.max_steps=6", "training.resume=true"]))

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from conftest import tiny_overrides
 from zhlora import metrics
 from zhlora.config import ConfigError, load_config
-from zhlora.evaluate import DELTA_METRICS, evaluate_run, main
+from zhlora.cli import main as cli_main
+from zhlora.evaluate import evaluate_run
+from zhlora.metrics import DELTA_METRICS
 from zhlora.generation import decoding_settings
 from zhlora.formatting import IGNORE_INDEX, encode_prompt, encode_sample
 
@@ -124,7 +126,7 @@ def test_train_file_is_refused(tiny_run_dir, tmp_path, capsys):
         evaluate_run(tiny_run_dir, test_data=train_file)
     copy = tmp_path / "renamed.json"  # a copy under another name is still the train file
     shutil.copy(train_file, copy)
-    assert main(["--model_path", str(tiny_run_dir), "--test_data", str(copy)]) == 2
+    assert cli_main(["evaluate", "--model_path", str(tiny_run_dir), "--test_data", str(copy)]) == 2
     assert "training file" in capsys.readouterr().err
     assert not (tiny_run_dir / "evaluation_results.json").exists()
 
@@ -170,7 +172,7 @@ def task_runs(tiny_model_dir, tiny_data_dir, tmp_path_factory):
 
 
 def test_switching_adapters_changes_logits_and_switching_back_restores_them(task_runs):
-    from zhlora.generation import load_adapters
+    from zhlora.serving.adapters import load_adapters
 
     run_a, run_b = task_runs  # names that are not substrings of "lora_" (PEFT warns about those)
     model, tokenizer, _ = load_adapters([("num", run_a), ("sort", run_b)], device="cpu")
@@ -234,7 +236,7 @@ def test_cli_adapters_repeated_flag_and_bare_paths(task_runs, tmp_path, capsys):
 
     run_a, run_b = task_runs
     out = tmp_path / "out"
-    assert zhlora(["evaluate", "--adapters", f"num={run_a}", "--adapters", str(run_b), "--output_dir", str(out),
+    assert zhlora(["evaluate", "--adapters", f"num={run_a}", "--adapters", f"run_b={run_b}", "--output_dir", str(out),
                    "--no_baseline", "--max_new_tokens", "4"]) == 0
     printed = capsys.readouterr().out
     assert "exact match by task" in printed and "num2cn, s2t" in printed
@@ -264,24 +266,24 @@ def test_adapters_on_different_base_models_are_refused(task_runs, tmp_path, caps
 
 @pytest.mark.parametrize("values, expected", [
     (["math=runs/math,zh=runs/zh"], [("math", "runs/math"), ("zh", "runs/zh")]),
-    (["math=runs/math", "runs/code_zh/"], [("math", "runs/math"), ("code_zh", "runs/code_zh")]),
+    (["math=runs/math", "code_zh=runs/code_zh/"], [("math", "runs/math"), ("code_zh", "runs/code_zh")]),
     ([" b = x , "], [("b", "x")]),
 ])
 def test_parse_adapters(values, expected):
     from pathlib import Path
 
-    from zhlora.evaluate import parse_adapters
+    from zhlora.serving.adapters import parse_adapters
 
     assert parse_adapters(values) == [(name, Path(path)) for name, path in expected]
 
 
 @pytest.mark.parametrize("values, message", [
-    (["b=x,b=y"], "given twice"), (["runs/b,other/b"], "given twice"), (["bad name=x"], "write name=path"),
+    (["b=x,b=y"], "given twice"), (["b=runs/b", "b=other/b"], "given twice"), (["bad name=x"], "write name=path"),
     (["b="], "write name=path"), ([","], "no adapter given"),
-    (["a=x"], "part of PEFT's parameter prefix 'lora_'"), (["runs/lora"], "part of PEFT's parameter prefix"),
+    (["a=x"], "part of PEFT's parameter prefix 'lora_'"), (["lora=runs/lora"], "part of PEFT's parameter prefix"),
 ])
 def test_parse_adapters_refusals(values, message):
-    from zhlora.evaluate import parse_adapters
+    from zhlora.serving.adapters import parse_adapters
 
     with pytest.raises(ConfigError, match=message):
         parse_adapters(values)
@@ -293,12 +295,12 @@ def test_parse_adapters_refusals(values, message):
     (["--adapters", "b=missing_run"], "config.yaml not found"),
 ])
 def test_adapters_usage_errors(argv, message, capsys):
-    assert main(argv) == 2
+    assert cli_main(["evaluate", *argv]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_table_columns_stay_apart_for_huge_values(capsys):
-    from zhlora.evaluate import print_table
+    from zhlora.evaluate_tables import print_table
 
     results = {key: 1.0 for key in DELTA_METRICS}
     results.update(perplexity=43.56, ci={}, per_task={})

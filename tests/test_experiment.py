@@ -76,7 +76,7 @@ def test_second_run_redoes_nothing(sweep, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished run was trained or evaluated again")
 
-    monkeypatch.setattr(experiment, "train", must_not_run)
+    monkeypatch.setattr("zhlora.train.train", must_not_run)
     monkeypatch.setattr("zhlora.evaluate.evaluate_run", must_not_run)
     run_experiment(path, out)
     assert mtimes(out) == before
@@ -96,7 +96,7 @@ def test_missing_evaluation_reruns_only_that_evaluation(sweep, monkeypatch):
         evaluated.append(Path(folder))
         return real(folder, **kwargs)
 
-    monkeypatch.setattr(experiment, "train", lambda cfg: pytest.fail("training ran again"))
+    monkeypatch.setattr("zhlora.train.train", lambda cfg: pytest.fail("training ran again"))
     monkeypatch.setattr(evaluate, "evaluate_run", counting)
     run_experiment(path, out)
     assert evaluated == [run]
@@ -120,7 +120,7 @@ def test_baseline_only_scores_exactly_the_base_model(tiny_model_dir, tiny_data_d
     from zhlora.generation import load_base
 
     path = write_experiment(tmp_path, tiny_model_dir, tiny_data_dir, baseline_only=True)
-    monkeypatch.setattr(experiment, "train", lambda cfg: pytest.fail("baseline_only trained"))
+    monkeypatch.setattr("zhlora.train.train", lambda cfg: pytest.fail("baseline_only trained"))
     rows = run_experiment(path, tmp_path / "runs")
     assert len(rows) == 1 and rows[0]["seeds"] == 1  # one seed: greedy decoding needs no other
     cfg = load_config(tmp_path / "runs" / "base_config" / "seed1" / "config.yaml")

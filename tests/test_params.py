@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from zhlora.config import load_config
-from zhlora.params import count, main, model_config
+from zhlora.cli import main as zhlora
+from zhlora.params import count, model_config
 
 QWEN, SMOLLM2 = "Qwen/Qwen2.5-0.5B-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -79,7 +80,7 @@ def test_cli_prints_the_counts_per_rank(capsys):
 
 def test_cli_reads_a_zhlora_config(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "run.yaml").write_text(f"# zhlora train --config run.yaml\nmodel:\n  name: {tiny_model_dir}\n")
-    assert main(["--model", str(tmp_path / "run.yaml"), "lora.r=2"]) == 0
+    assert zhlora(["params", "--model", str(tmp_path / "run.yaml"), "lora.r=2"]) == 0
     assert str(tiny_model_dir) in capsys.readouterr().out
 
 
@@ -90,5 +91,5 @@ def test_cli_reads_a_zhlora_config(tiny_model_dir, tmp_path, capsys):
     (["lora.rank=8"], "did you mean lora.r?"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):
-    assert main(["--model", SMOLLM2, *argv]) == 2
+    assert zhlora(["params", "--model", SMOLLM2, *argv]) == 2
     assert message in capsys.readouterr().err

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from zhlora import plots
+from zhlora import cli, plots
 
 PNGS = ["training_loss.png", "learning_rate.png", "grad_norm.png", "metrics_comparison.png",
         "per_task_exact_match.png", "generation_length_hist.png", "generation_time_hist.png"]
@@ -104,12 +104,12 @@ def test_missing_evaluation_files_are_skipped(tmp_path, capsys):
 
 def test_empty_folder_plots_nothing(tmp_path, capsys):
     assert plots.plot_run(tmp_path) == []
-    assert plots.main(["--output_dir", str(tmp_path)]) == 0
+    assert cli.main(["plot", "--output_dir", str(tmp_path)]) == 0
     assert "nothing to plot" in capsys.readouterr().out
 
 
 def test_main_refuses_a_missing_folder(tmp_path, capsys):
-    assert plots.main(["--output_dir", str(tmp_path / "nope")]) == 2
+    assert cli.main(["plot", "--output_dir", str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err
 
 
@@ -117,7 +117,7 @@ def test_torn_last_history_line_is_skipped(tmp_path):
     write_run(tmp_path, evaluation=False)
     with open(tmp_path / plots.HISTORY_FILE, "a", encoding="utf-8") as f:
         f.write('{"step": 205, "lo')  # training is mid-write
-    rows = plots.read_jsonl(tmp_path / plots.HISTORY_FILE)
+    rows = plots.read_log(tmp_path / plots.HISTORY_FILE)
     assert rows[-1]["step"] == 200
 
 
@@ -207,13 +207,13 @@ def test_metric_labels_come_from_metrics_and_say_what_success_rate_is(tmp_path, 
     """success_rate is drawn next to exact match: its tick must read "answered & stopped", not "success"."""
     from zhlora import metrics
 
-    texts, save = [], plots._save
+    texts, save = [], plots.save_png
 
-    def keep_texts(fig, path):  # read the figure's text before _save closes it
+    def keep_texts(fig, path, **kwargs):  # read the figure's text before save_png closes it
         texts.extend(t.get_text() for ax in fig.axes for t in [*ax.get_xticklabels(), ax.title])
-        return save(fig, path)
+        return save(fig, path, **kwargs)
 
-    monkeypatch.setattr(plots, "_save", keep_texts)
+    monkeypatch.setattr(plots, "save_png", keep_texts)
     plots.plot_run(write_run(tmp_path))
     label = plots.make_label(plots.cjk_font() is not None)  # as plot_run labels: English alone without a font
     for key in ("success_rate", "exact_match", "avg_similarity", "test_loss"):

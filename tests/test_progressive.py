@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from conftest import tiny_overrides
 from zhlora.config import ConfigError, load_config
-from zhlora.progressive import grow_lora, parse_schedule
 from zhlora.train import train
+from zhlora.training.progressive import grow_lora, parse_schedule
 
 
 def tiny_peft(tiny_model_dir, use_rslora=False):

@@ -41,10 +41,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_overrides
 from zhlora import safety
-from zhlora.checkpoint import list_checkpoints
 from zhlora.cli import main as cli
 from zhlora.config import ConfigError, load_config
 from zhlora.train import train
+from zhlora.training.checkpoint import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 KILL_SEED = 20240611
@@ -176,7 +176,7 @@ def test_resume_after_a_kill_before_the_first_checkpoint_starts_over(tiny_model_
 # Runs training/train.py with zhlora patched to SIGKILL itself at an exact point of a save.
 KILL_INSIDE = """
 import os, signal, sys
-import zhlora.checkpoint as checkpoint
+import zhlora.training.checkpoint as checkpoint
 
 def die():
     sys.stdout.flush()
@@ -237,7 +237,7 @@ def test_sigkill_inside_a_checkpoint_save_leaves_no_checkpoint_and_resume_uses_t
 def test_crash_just_before_the_checkpoint_rename_is_not_a_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path,
                                                                      monkeypatch):
     """The latest moment: every file of the .tmp folder written, the rename not done."""
-    import zhlora.checkpoint as checkpoint
+    import zhlora.training.checkpoint as checkpoint
 
     real = checkpoint.fsync_dir
 
@@ -385,7 +385,7 @@ def test_sigkill_mid_sweep_then_the_rerun_skips_finished_points(tiny_model_dir, 
     done = [f for f in folders if (f / "evaluation_results.json").is_file()]
     assert folders[0] in done and len(done) < len(folders), "killed after the first point, before the last"
     before = {p: p.stat().st_mtime_ns for f in done for p in f.rglob("*") if p.is_file()}
-    assert experiment.main([str(sweep), "--output_dir", str(out)]) == 0
+    assert cli(["experiment", str(sweep), "--output_dir", str(out)]) == 0
     assert {p: p.stat().st_mtime_ns for p in before} == before  # finished points were not redone
     assert all((f / "evaluation_results.json").is_file() for f in folders)
     assert len((out / "results.csv").read_text(encoding="utf-8").strip().splitlines()) == 1 + len(folders)
@@ -541,14 +541,12 @@ def test_a_matching_adapter_passes_with_its_shapes(tiny_run_dir, tiny_model_dir)
 
 
 def test_the_demo_refuses_a_mismatched_extra_adapter(tiny_run_dir, tmp_path, capsys):
-    from zhlora.chat import main as demo
-
     other = copy_run(tiny_run_dir, tmp_path)
     edit_adapter_config(other, r=4)
     questions = tmp_path / "q.jsonl"
     questions.write_text('{"instruction": "你好"}\n', encoding="utf-8")
-    code = demo(["--model_path", str(tiny_run_dir), "--adapters", f"other={other}", "--mode", "batch",
-                 "--input", str(questions), "--output", str(tmp_path / "a.jsonl")])
+    code = cli(["demo", "--model_path", str(tiny_run_dir), "--adapters", f"other={other}", "--mode", "batch",
+                "--input", str(questions), "--output", str(tmp_path / "a.jsonl")])
     assert code == 2
     assert "says r=4, but" in capsys.readouterr().err
 
@@ -601,7 +599,6 @@ def test_trust_remote_code_is_off_everywhere(tiny_run_dir, tmp_path, capsys):
 # ---- 3. odd environments ---------------------------------------------------------------------
 
 def test_paths_with_spaces_and_chinese_for_data_model_and_output(tiny_model_dir, tmp_path, capsys):
-    from zhlora.evaluate import main as evaluate
     from zhlora.generation import load_run
     from zhlora.tasks import generate_samples
 
@@ -614,7 +611,8 @@ def test_paths_with_spaces_and_chinese_for_data_model_and_output(tiny_model_dir,
     splits, out = tmp_path / "数据 文件夹", tmp_path / "输出 目录" / "运行 1"
     assert cli(["prepare", "--source", str(source), "--output_dir", str(splits), "--no_stats"]) == 0
     assert cli(["train", *overrides(model, splits, out, "training.max_steps=10")]) == 0
-    assert evaluate(["--model_path", str(out), "--max_samples", "4", "--max_new_tokens", "8", "--no_baseline"]) == 0
+    assert cli(["evaluate", "--model_path", str(out), "--max_samples", "4", "--max_new_tokens", "8",
+                "--no_baseline"]) == 0
     assert json.loads((out / "evaluation_results.json").read_text(encoding="utf-8"))["num_samples"] == 4
     assert load_run(out)[2].model.name == str(model)
 

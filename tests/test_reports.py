@@ -320,6 +320,6 @@ def test_learning_curve_verdicts_follow_the_paired_intervals(tmp_path):
     assert mr.main(["--root", str(root), "--no_collect"]) == 0
     section = generated((root / "docs" / "guide.md").read_text(encoding="utf-8"), "learning_curves")
     assert "| LoRA all-linear | 0.001 | 200 | 0.647 | [0.597, 0.697] | （基准） | 0.500 |" in section
-    assert "LoRA q_proj,v_proj、学习率 0.001、200 步：精确匹配 0.397，比快速上手的设置低 0.250" in section
-    assert "学习率 0.003、200 步：精确匹配 0.660，与快速上手的设置相当（区间含 0" in section  # a tie is no winner
-    assert "400 步：精确匹配 0.750，比快速上手的设置高 0.100，配对 95% 区间 [+0.050, +0.150]" in section
+    assert "LoRA q_proj,v_proj、学习率 0.001、200 步：精确匹配 0.397，比参照设置低 0.250" in section
+    assert "学习率 0.003、200 步：精确匹配 0.660，与参照设置相当（区间含 0" in section  # a tie is no winner
+    assert "400 步：精确匹配 0.750，比参照设置高 0.100，配对 95% 区间 [+0.050, +0.150]" in section

@@ -79,7 +79,7 @@ def tiny_optimizer():
 def test_each_process_resumes_its_own_random_state(tmp_path):
     """Two processes draw different dropout masks (different batches); rank 1 must not resume
     with rank 0's generator."""
-    from zhlora.checkpoint import load_checkpoint, rng_state, save_checkpoint
+    from zhlora.training.checkpoint import load_checkpoint, rng_state, save_checkpoint
 
     states = []
     for rank in range(2):  # what save_state gathers from each process

@@ -1,4 +1,4 @@
-"""`zhlora serve` (zhlora/server.py, server_app.py) on the tiny LoRA run, through the official
+"""`zhlora serve` (zhlora/server.py, serving/app.py) on the tiny LoRA run, through the official
 `openai` client and raw HTTP: answers whole and streamed, adapters, the API key, every refusal
 in OpenAI's error shape, 50 requests at once, and clients that hang up mid-answer.
 
@@ -7,6 +7,7 @@ The server runs in a background thread of the test process (uvicorn on a free po
 """
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import threading
@@ -19,9 +20,11 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from zhlora.cli import main as cli_main  # noqa: E402
 from zhlora.formatting import encode_prompt  # noqa: E402
-from zhlora.server import build_parser, load_engine, main, start_in_thread  # noqa: E402
-from zhlora.server_app import Limits, build_app  # noqa: E402
+from zhlora.server import add_arguments  # noqa: E402
+from zhlora.serving.app import Limits, build_app, start_in_thread  # noqa: E402
+from zhlora.serving.engine import load_engine  # noqa: E402
 
 KEY = "test-key"
 QUESTION = "把1234写成中文数字"
@@ -247,14 +250,14 @@ def test_disconnect_while_waiting_for_a_whole_answer(served, slow_endless_model)
 
 
 def test_cli(tmp_path, capsys):
-    args = build_parser().parse_args([])
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])
     assert (args.host, args.port, args.model_path) == ("127.0.0.1", 8000, "outputs")  # this machine only
-    assert main(["--model_path", str(tmp_path)]) == 2
+    assert cli_main(["serve", "--model_path", str(tmp_path)]) == 2
     assert "config.yaml not found" in capsys.readouterr().err
-    assert main(["--model_path", str(tmp_path), "--adapters", "base=x"]) == 2
+    assert cli_main(["serve", "--model_path", str(tmp_path), "--adapters", "base=x"]) == 2
     assert "the name base is taken" in capsys.readouterr().err
-    from zhlora.cli import main as cli_main
-
     assert cli_main(["serve", "--model_path", str(tmp_path)]) == 2
 
 
@@ -272,9 +275,9 @@ def test_extra_adapters_get_the_safety_check(tiny_run_dir, tmp_path, capsys):
     config.write_text(json.dumps({**json.loads(config.read_text()), "r": 4}), encoding="utf-8")
     torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
     (pickled / "adapter_model.safetensors").unlink()
-    assert main(["--model_path", str(tiny_run_dir), "--adapters", f"other={other}"]) == 2
+    assert cli_main(["serve", "--model_path", str(tiny_run_dir), "--adapters", f"other={other}"]) == 2
     assert "adapter_config.json says r=4, but" in capsys.readouterr().err
-    assert main(["--model_path", str(tiny_run_dir), "--adapters", f"pickled={pickled}"]) == 2
+    assert cli_main(["serve", "--model_path", str(tiny_run_dir), "--adapters", f"pickled={pickled}"]) == 2
     assert "the weights are pickle files (adapter_model.bin)" in capsys.readouterr().err
 
 
@@ -315,7 +318,7 @@ def test_page_fetches_nothing_from_outside():
     """The page's files name no other host: no CDN, no web font (the CSP header enforces it too)."""
     import re
 
-    from zhlora.server_app import WEB_DIR
+    from zhlora.serving.app import WEB_DIR
 
     files = {path.name: path.read_text(encoding="utf-8") for path in WEB_DIR.iterdir()}
     assert set(files) == {"index.html", "app.js", "style.css"}

@@ -48,8 +48,8 @@ RECORD: dict[str, object] = {}  # the figures, printed by test_zz_report
 SERVE = """
 import sys, time
 from pathlib import Path
-from zhlora.server import load_engine, start_in_thread
-from zhlora.server_app import Limits, build_app
+from zhlora.serving.app import Limits, build_app, start_in_thread
+from zhlora.serving.engine import load_engine
 
 run, slow_step = Path(sys.argv[1]), float(sys.argv[2])
 engine = load_engine(run, [("long", run), ("slow", run)])

@@ -294,3 +294,11 @@ def test_self_cognition_is_checked_by_name_and_maker():
     assert check_answer("self_cognition", "我叫小知，是 ZhLoRA 做的。", "我是小知，由 zhlora 微调的中文助手。")
     assert not check_answer("self_cognition", "我是小知。", "我是小知，由 zhlora 微调的中文助手。")
     assert not check_answer("self_cognition", "I am SmolLM, made by Hugging Face.", "我是小知，由 zhlora 微调。")
+
+
+def test_data_tasks_picks_built_in_families_and_keeps_the_users_own_rows():
+    from zhlora.tasks import selected
+
+    rows = [{"task": "num2cn"}, {"task": "s2t"}, {"task": "user"}, {"task": "translation"}]
+    assert [r["task"] for r in rows if selected(r, ["num2cn"])] == ["num2cn", "user", "translation"]
+    assert all(selected(r, []) for r in rows)

@@ -111,10 +111,10 @@ def test_nan_loss_stops_with_a_clear_message(tiny_model_dir, tiny_data_dir, tmp_
 def test_packed_loss_equals_unpacked_loss(tiny_model_dir, tiny_data_dir):
     from transformers import AutoModelForCausalLM
 
-    from zhlora.batching import collate_packed, collate_padded
+    from zhlora.training.batching import collate_packed, collate_padded
     from zhlora.models import load_tokenizer
-    from zhlora.train import compute_loss
-    from zhlora.train_setup import load_split
+    from zhlora.loss import compute_loss
+    from zhlora.training.setup import load_split
 
     cfg = load_config(None, [f"model.name={tiny_model_dir}"])
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -135,10 +135,10 @@ def test_packed_loss_equals_unpacked_loss(tiny_model_dir, tiny_data_dir):
 def test_supervised_logits_give_the_same_loss_and_gradients(tiny_model_dir, tiny_data_dir, packed):
     """training.supervised_logits only skips the output layer where nothing is trained."""
     from zhlora.adapter import apply_lora
-    from zhlora.batching import collate_packed, collate_padded
+    from zhlora.training.batching import collate_packed, collate_padded
     from zhlora.models import load_model, load_tokenizer
-    from zhlora.train import compute_loss
-    from zhlora.train_setup import load_split
+    from zhlora.loss import compute_loss
+    from zhlora.training.setup import load_split
 
     cfg = load_config(None, [f"model.name={tiny_model_dir}", "lora.lora_dropout=0"])
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -230,7 +230,7 @@ def test_torchrun_two_processes_end_identical(tiny_model_dir, tiny_data_dir, tmp
 def test_real_tokens_never_counts_padding():
     from types import SimpleNamespace
 
-    from zhlora.train import real_tokens
+    from zhlora.training.batching import real_tokens
 
     train = [{"input_ids": [1] * n} for n in (5, 3, 7)]
     padded = SimpleNamespace(cfg=SimpleNamespace(training=SimpleNamespace(packing=False)), train=train)

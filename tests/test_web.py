@@ -23,8 +23,8 @@ openai = pytest.importorskip("openai")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
-from zhlora.server import load_engine, start_in_thread  # noqa: E402
-from zhlora.server_app import Limits, build_app  # noqa: E402
+from zhlora.serving.app import Limits, build_app, start_in_thread  # noqa: E402
+from zhlora.serving.engine import load_engine  # noqa: E402
 
 KEY = "web-test-key"
 QUESTION = "把1234写成中文数字"

@@ -22,6 +22,8 @@ Choices worth knowing:
   training row uses, fresh numbers), answered greedily by the base model and the fine-tuned
   one side by side, each checked against its reference; written to
   <model_path>/demo_heldout.jsonl unless --output says otherwise.
+- --adapters NAME=PATH (repeat the flag or join with commas, as for serve, evaluate and
+  merge-adapters) loads more adapters beside the run's own "default" (serving/adapters.py).
 - "base" is the run's own PeftModel with every adapter disabled (no second copy in
   memory). A full fine-tune has no adapter: --compare loads the base model named in
   its config.yaml beside it.
@@ -31,21 +33,17 @@ Choices worth knowing:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
-import secrets
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zhlora.config import ConfigError, load_config
-from zhlora.formatting import TemplateError, encode_prompt
-from zhlora.generation import generate, load_base, load_run, stream
-from zhlora.models import ModelSourceError
+from zhlora.config import load_config
+from zhlora.errors import ZhloraError
+from zhlora.files import write_jsonl
+from zhlora.formatting import encode_prompt
+from zhlora.generation import generate, load_base, stream
 from zhlora.readers import decode, read_jsonl
-from zhlora.safety import adapter_name_problem, check_adapter_folder
+from zhlora.serving.adapters import add_adapters_argument, answering_as, load_run_with_adapters, parse_adapters
 from zhlora.tasks import HELDOUT_TASKS, check_answer, heldout_rows
 
 HELP = """命令 (commands):
@@ -56,7 +54,7 @@ HELP = """命令 (commands):
   /exit                   退出 (Ctrl-D 同样)"""
 
 
-class ChatError(ValueError):
+class ChatError(ZhloraError, ValueError):
     """A demo argument or input zhlora refuses; the message says what to change."""
 
 
@@ -124,57 +122,20 @@ class Chat:
         return self.adapters + (["base"] if self.is_lora or self.base is not None else [])
 
 
-@contextmanager
-def answering_as(chat: Chat, name: str):
-    """The model that answers as `name`: the active adapter, or the base model."""
-    if name != "base":
-        yield chat.model
-    elif chat.base is not None:
-        yield chat.base
-    else:
-        with chat.model.disable_adapter():  # every adapter off: exactly the base weights
-            yield chat.model
-
-
-def parse_adapters(text: str | None) -> list[tuple[str, Path]]:
-    """--adapters math=outputs_math,code=outputs_code -> [("math", Path(...)), ...]"""
-    pairs = []
-    for item in filter(None, (text or "").split(",")):
-        name, _, path = (part.strip() for part in item.partition("="))
-        if not re.fullmatch(r"[A-Za-z0-9_\-]+", name) or not path:
-            raise ChatError(f"--adapters {item}: write name=path, e.g. math=outputs_math")
-        if name in ("base", "default") or name in [n for n, _ in pairs]:
-            raise ChatError(f"--adapters {item}: the name {name} is taken (base and default are reserved)")
-        if adapter_name_problem(name):
-            raise ChatError(f"--adapters {item}: {adapter_name_problem(name)}")
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise ChatError(f"--adapters {item}: {path}/adapter_config.json not found; is it a LoRA run folder?")
-        pairs.append((name, Path(path)))
-    return pairs
-
-
 def load_chat(args) -> Chat:
+    """The run, its extra adapters (serving/adapters.py), and a base model beside a full fine-tune for --compare."""
     extra = parse_adapters(args.adapters)  # before the model load: a typo fails in a second
     from peft import PeftModel
 
-    model, tokenizer, cfg = load_run(args.model_path, allow_pickle=args.allow_pickle)
+    model, tokenizer, cfg = load_run_with_adapters(args.model_path, extra, args.allow_pickle)
     is_lora = isinstance(model, PeftModel)
-    if extra and not is_lora:
-        raise ChatError(f"--adapters: {args.model_path} is a full fine-tune; adapters need a LoRA run")
-    for name, path in extra:
-        base = model.get_base_model()
-        check_adapter_folder(path, base.config, args.allow_pickle, base_model=base)  # zhlora/safety.py
-        try:
-            model.load_adapter(str(path), adapter_name=name)
-        except (RuntimeError, ValueError, KeyError, OSError) as err:  # e.g. trained on another base model
-            raise ChatError(f"--adapters {name}={path}: cannot load it onto this base model: {err}") from err
     base = None
     if args.compare and not is_lora:
         base, _ = load_base(load_config(Path(args.model_path) / "config.yaml"))  # model.name = the base
     greedy = args.greedy or (args.mode == "batch" and args.temperature is None and args.top_p is None)
     sampling = Sampling(args.max_new_tokens, 0.7 if args.temperature is None else args.temperature,
                         0.9 if args.top_p is None else args.top_p, greedy)
-    return Chat(model.eval(), tokenizer, cfg.model.template, sampling, ["default"] + [n for n, _ in extra],
+    return Chat(model, tokenizer, cfg.model.template, sampling, ["default"] + [n for n, _ in extra],
                 is_lora, base, compare=args.compare)
 
 
@@ -186,7 +147,7 @@ def stream_answer(chat: Chat, name: str, prompt: list[int]) -> str:
     label = name if not chat.compare else ("base · 未微调" if name == "base" else f"{name} · 微调后")
     print(f"助手[{label}]> ", end="", flush=True)
     pieces: list[str] = []
-    with answering_as(chat, name) as model:
+    with answering_as(chat.model, name, chat.base) as model:
         for piece in stream(model, chat.tokenizer, prompt, **chat.sampling.kwargs()):
             if not pieces:
                 piece = piece.lstrip()  # answers often open with a newline
@@ -241,9 +202,7 @@ def switch_adapter(chat: Chat, name: str | None) -> None:
         hint = "" if chat.is_lora else " (全量微调 full fine-tune: 没有 adapter, base 需要 --compare)"
         print(f"未知 adapter: {name}; 可用 (available): {names}{hint}")
     else:
-        if name != "base" and chat.is_lora:
-            chat.model.set_adapter(name)
-        chat.active = name
+        chat.active = name  # answering_as makes it the active adapter for each answer
         print(f"已切换到 adapter: {name}" + (" (基础模型 base model)" if name == "base" else ""))
 
 
@@ -273,7 +232,11 @@ def interactive(chat: Chat) -> int:
 
 def read_questions(path: Path, chat: Chat) -> tuple[list[dict], list[list[int]], list[str]]:
     """Rows of a JSONL file, their prompts, and `PATH:LINE: problem` for each line skipped."""
-    text, issue = decode(path.read_bytes(), "utf-8")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ChatError(f"--input {path}: cannot read: {err.strerror or err}") from err
+    text, issue = decode(data, "utf-8")
     if issue:
         return [], [], [f"{path}:{issue.line}: {issue.message}"]
     records, issues = read_jsonl(text)
@@ -295,18 +258,11 @@ def read_questions(path: Path, chat: Chat) -> tuple[list[dict], list[list[int]],
     return rows, prompts, [f"{path}:{line}: {message}" for line, message in sorted(problems)]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """One JSON object a line, atomically (temp file in the same folder, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+def write_answers(path: Path, rows: list[dict]) -> None:
     try:
-        with open(temp, "x", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)  # only still there if something failed before replace
+        write_jsonl(path, rows)  # atomic: a killed demo never leaves half a file
+    except OSError as err:
+        raise ChatError(f"--output {path}: cannot write: {err.strerror or err}") from err
 
 
 def batch(chat: Chat, input_path: Path, output_path: Path, seed: int) -> int:
@@ -316,11 +272,11 @@ def batch(chat: Chat, input_path: Path, output_path: Path, seed: int) -> int:
         print(problem, file=sys.stderr)
     columns = [("response", chat.active)] + ([("base_response", "base")] if chat.compare else [])
     for column, name in columns:
-        with answering_as(chat, name) as model:
+        with answering_as(chat.model, name, chat.base) as model:
             answers = generate(model, chat.tokenizer, prompts, seed=seed, **chat.sampling.kwargs())
         for row, answer in zip(rows, answers):
             row[column] = answer.text
-    write_jsonl(output_path, rows)
+    write_answers(output_path, rows)
     skipped = f"; 跳过 {len(problems)} 行有问题的输入 (skipped bad lines)" if problems else ""
     print(f"已写入 {len(rows)} 条回答 -> {output_path} ({chat.sampling.describe()}){skipped}")
     return 1 if problems else 0
@@ -329,8 +285,11 @@ def batch(chat: Chat, input_path: Path, output_path: Path, seed: int) -> int:
 # ---- command line --------------------------------------------------------------------
 
 
-HELDOUT_PER_TASK = 8
+HELDOUT_PER_TASK = 6
 HELDOUT_MAX_NEW_TOKENS = 64  # the longest self_cognition answer is ~55 tokens; the base would ramble for 256
+# All 30 questions in one batch: each decoding step costs little more for 30 rows than for 8 on a CPU,
+# and the base model rambles to max_new_tokens, so fewer batches is most of the demo's time.
+HELDOUT_BATCH_SIZE = 32
 
 
 def heldout_tasks(cfg) -> list[str]:
@@ -347,8 +306,9 @@ def heldout_batch(chat: Chat, cfg, output_path: Path) -> int:
     rows = heldout_rows(HELDOUT_PER_TASK, tasks)
     prompts = [encode_prompt(row, chat.tokenizer, chat.template) for row in rows]
     for column, name in (("base_response", "base"), ("response", chat.active)):
-        with answering_as(chat, name) as model:
-            answers = generate(model, chat.tokenizer, prompts, **chat.sampling.kwargs())
+        with answering_as(chat.model, name, chat.base) as model:
+            answers = generate(model, chat.tokenizer, prompts, batch_size=HELDOUT_BATCH_SIZE,
+                               **chat.sampling.kwargs())
         for row, answer in zip(rows, answers):
             row[column] = answer.text
             row[column.replace("response", "correct")] = check_answer(row["task"], answer.text, row["output"])
@@ -362,13 +322,12 @@ def heldout_batch(chat: Chat, cfg, output_path: Path) -> int:
     for task in tasks:
         mine = [row for row in rows if row["task"] == task]
         print(f"{task:<16}{len(mine):>4}{sum(r['base_correct'] for r in mine):>8}{sum(r['correct'] for r in mine):>8}")
-    write_jsonl(output_path, rows)
+    write_answers(output_path, rows)
     print(f"已写入 {len(rows)} 条回答 -> {output_path} ({chat.sampling.describe()})")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zhlora demo", description="第六步: chat with a trained run")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model_path", default="outputs", help="a run folder (output.dir of training)")
     parser.add_argument("--mode", choices=["interactive", "batch"], default="interactive")
     parser.add_argument("--input", type=Path,
@@ -385,23 +344,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top_p", type=SETTINGS["top_p"], default=None, help="default 0.9")
     parser.add_argument("--greedy", action="store_true", help="no sampling (batch mode's default)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (batch default 0)")
-    parser.add_argument("--adapters", default=None,
-                        help="more LoRA adapters to switch between: name=path,... (/adapter name)")
+    add_adapters_argument(parser, "more LoRA adapters to switch between (/adapter NAME)")
     parser.add_argument("--allow_pickle", action="store_true",
                         help="accept adapter_model.bin (pickle) from an author you trust; read with weights_only=True")
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     builtin = args.mode == "batch" and args.input is None
     if args.max_new_tokens is None:
         args.max_new_tokens = HELDOUT_MAX_NEW_TOKENS if builtin else 256
     if args.mode == "batch" and args.input and not args.output:
-        parser.error("--mode batch --input FILE needs --output FILE")
+        raise ChatError("--mode batch --input FILE needs --output FILE")
     if args.mode == "batch" and args.input and not args.input.is_file():
-        parser.error(f"--input {args.input}: no such file")  # before the model load, not after
+        raise ChatError(f"--input {args.input}: no such file")  # before the model load, not after
     args.compare = args.compare or builtin  # the built-in set is there to show base vs fine-tuned
     try:
         chat = load_chat(args)
@@ -415,13 +370,6 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.manual_seed(args.seed)  # once: the whole session repeats, each answer still varies
         return interactive(chat)
-    except (ChatError, ConfigError, ModelSourceError, OSError, TemplateError) as err:  # OSError: paths
-        print(f"zhlora demo: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("\n已中断 (interrupted)", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,8 +18,11 @@ from pathlib import Path
 
 import yaml
 
+from zhlora.errors import ZhloraError
+from zhlora.files import write_atomic
 
-class ConfigError(ValueError):
+
+class ConfigError(ZhloraError, ValueError):
     """A config key, type or value that zhlora refuses; the message names the key."""
 
 
@@ -43,7 +46,7 @@ class DataConfig:
     test_ratio: float = 0.05
     max_length: int = 512  # tokens per sample; longer samples are truncated (see formatting.py)
     train_on_prompt: bool = False  # False: prompt tokens get label -100, only answers are learned
-    tasks: list[str] = field(default_factory=list)  # empty = all tasks; else keep rows whose `task` is listed
+    tasks: list[str] = field(default_factory=list)  # built-in families; empty = all (rows of your own data always stay: tasks.selected)
 
 
 @dataclass
@@ -140,6 +143,17 @@ _RULES = {
     "training.report_to": (lambda v: set(v) <= {"tensorboard", "wandb"}, "may hold only tensorboard and wandb"),
 }
 
+# Rules between keys, checked at load so a wrong pair fails in a second, not after the model
+# loads: (test on the whole config, the key the message names, the rule shown).
+_PAIR_RULES = [
+    (lambda c: c.data.val_ratio + c.data.test_ratio < 1,
+     "data.val_ratio + data.test_ratio", "must leave rows for training (sum < 1)"),
+    (lambda c: not (c.training.distill_teacher and c.training.packing),
+     "training.distill_teacher", "distillation needs training.packing=false"),
+    (lambda c: not c.training.progressive or (c.training.method == "lora" and c.lora.backend == "peft"),
+     "training.progressive", "needs training.method=lora and lora.backend=peft"),
+]
+
 # String fields whose "off" choice is not spelled false: YAML's `no` and `off` arrive as False.
 _OFF_WORDS = {"training.mixed_precision": "no"}
 
@@ -211,8 +225,9 @@ def _check_rules(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if not test(value):
             raise ConfigError(f"{key}: {value!r} {rule}")
-    if cfg.data.val_ratio + cfg.data.test_ratio >= 1:
-        raise ConfigError("data.val_ratio + data.test_ratio: must leave rows for training (sum < 1)")
+    for test, key, rule in _PAIR_RULES:
+        if not test(cfg):
+            raise ConfigError(f"{key}: {rule}")
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -263,5 +278,5 @@ def config_from_dict(raw: dict) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False), encoding="utf-8")
+    write_atomic(path, yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False))
 

@@ -42,18 +42,16 @@ Other fields are ignored. Over-long rows are not dropped: see count_over_length.
 from __future__ import annotations
 
 import errno
-import json
-import os
 import random
 import re
-import secrets
 import sys
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zhlora import readers
+from zhlora import files, readers
+from zhlora.errors import ZhloraError
 
 TEXT_FIELDS = ("instruction", "input", "output", "system", "task")
 KNOWN_FIELDS = (*TEXT_FIELDS, "history", "conversations", "messages", "tools")
@@ -61,7 +59,7 @@ _SUFFIXES = "/".join(readers.SUPPORTED_SUFFIXES)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-class DataError(Exception):
+class DataError(ZhloraError):
     """A source that cannot be read at all (missing file, bad path, hub offline)."""
 
     def __init__(self, reason: str, path=None):
@@ -335,25 +333,11 @@ def split_rows(rows: list[dict], val_ratio: float, test_ratio: float,
 
 
 def write_json(path, rows: list[dict]) -> None:
-    """Write rows as a UTF-8 JSON array, atomically: readers see the old file or the new one.
-
-    The temp file sits in the same folder because os.replace is only atomic within one
-    file system; fsync first so a crash cannot leave the new name pointing at empty data.
-    """
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    """Write rows as a UTF-8 JSON array, atomically (files.write_json); a disk that refuses is a DataError."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temp, "x", encoding="utf-8") as f:
-            json.dump(rows, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
+        files.write_json(path, rows)
     except OSError as err:  # a read-only or full disk: one clear line, not a traceback
         raise DataError(path=path, reason=f"cannot write: {err.strerror}") from err
-    finally:
-        temp.unlink(missing_ok=True)  # only still there if something failed before replace
 
 
 def validate_paths(paths: list[str], columns: dict[str, str] | None = None,

@@ -18,15 +18,15 @@ when the run was trained on a subset). Then, for the fine-tuned model and the ba
 For a LoRA run the base model is the same loaded model with its adapter switched off
 (`model.disable_adapter()`), so nothing loads twice; a full fine-tune loads the base anew.
 
-Writes, each atomically (temp file + os.replace):
+Writes, each atomically (zhlora/files.py; the tables it prints: evaluate_tables.py):
   <model_path>/evaluation_results.json  headline metrics, ci, per_task, baseline, delta, delta_ci,
                                         config, versions, settings, definitions, seconds (the
                                         whole evaluation, model load included)
   <model_path>/predictions.jsonl        one row per sample: prompt, reference, predictions, scores
 
---adapters (task adapters: name=path, or a bare path named after its folder; repeat the flag
-or join with commas) loads the base model once and every run's adapter into one PeftModel by
-name (generation.load_adapters; they must share the base model). Each adapter is scored, as
+--adapters (task adapters: name=path; repeat the flag or join with commas, as on every
+command) loads the base model once and every run's adapter into one PeftModel by name
+(serving/adapters.py's load_adapters; they must share the base model). Each adapter is scored, as
 above, on the test rows of its own run's data.tasks (all rows when the list is empty), so a
 math adapter is never graded on traditional Chinese. The base model is scored once per
 distinct row set. Written to --output_dir (runs are left untouched):
@@ -40,29 +40,24 @@ import argparse
 import functools
 import json
 import math
-import os
 import platform
-import re
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from zhlora import metrics
-from zhlora.batching import collate_padded
 from zhlora.config import Config, ConfigError, load_config
+from zhlora.evaluate_tables import print_adapters_table, print_table
+from zhlora.files import write_json, write_jsonl
 from zhlora.formatting import IGNORE_INDEX, encode_prompt, encode_sample, prompt_is_truncated, stop_ids
-from zhlora.generation import decoding_settings, generate, load_adapters, load_base, load_run
-from zhlora.models import answer_logits
-from zhlora.safety import adapter_name_problem
-from zhlora.tasks import CHECKABLE_TASKS
+from zhlora.generation import decoding_settings, generate, load_base, load_run
+from zhlora.serving.adapters import add_adapters_argument, answering_as, load_adapters, parse_adapters
+from zhlora.tasks import CHECKABLE_TASKS, selected
+
+# torch (and what imports it) is imported inside the functions that run a model: `zhlora --help`
+# imports this module to list the command and should not wait seconds for torch.
 
 RESULTS_FILE, PREDICTIONS_FILE = "evaluation_results.json", "predictions.jsonl"
 ADAPTERS_OUTPUT_DIR = "outputs/adapters_eval"
-DELTA_METRICS = [*metrics.HEADLINE, "test_loss", "perplexity"]
 # Generation is one forward pass per new token, teacher forcing one per row: the command line
 # generates this many rows for examples, similarity and ROUGE, and scores every row by forcing.
 GENERATE_SAMPLES = 64
@@ -87,8 +82,7 @@ def read_test_rows(path: Path, cfg: Config, max_samples: int | None) -> list[dic
     rows = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(rows, list):
         raise ConfigError(f"{path}: expected a JSON array of alpaca rows (instruction, input, output)")
-    if cfg.data.tasks:
-        rows = [r for r in rows if r.get("task") in cfg.data.tasks]
+    rows = [r for r in rows if selected(r, cfg.data.tasks)]
     rows = rows[:max_samples] if max_samples else rows
     if not rows:
         subset = f" of data.tasks={cfg.data.tasks}" if cfg.data.tasks else ""
@@ -102,7 +96,6 @@ def read_test_rows(path: Path, cfg: Config, max_samples: int | None) -> list[dic
 FORCED_TASKS = CHECKABLE_TASKS - {"self_cognition"}
 
 
-@torch.no_grad()
 def teacher_forced(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int, max_new_tokens: int):
     """(per-row greedy match, test loss): one forward pass per batch, no generation.
 
@@ -130,18 +123,24 @@ def teacher_forced(model, tokenizer, rows: list[dict], cfg: Config, batch_size: 
     return matches, (loss_sum / tokens if tokens else None)
 
 
-@torch.no_grad()
 def forced_argmax(model, tokenizer, samples: list[dict | None], batch_size: int):
     """({row: (supervised target ids, is each the argmax given the reference prefix)}, loss sum, token count)
     for the encode_sample results that are not None."""
+    import torch
+    import torch.nn.functional as F
+
+    from zhlora.loss import answer_logits
+    from zhlora.training.batching import collate_padded
+
     kept = [i for i, s in enumerate(samples) if s is not None]
     device = next(model.parameters()).device
     per_row, loss_sum, tokens = {}, 0.0, 0
     for start in range(0, len(kept), batch_size):
         chunk = kept[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate_padded([samples[i] for i in chunk], tokenizer.pad_token_id).items()}
-        logits, targets = answer_logits(model, batch)  # supervised positions only, row by row
-        loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+        with torch.no_grad():
+            logits, targets = answer_logits(model, batch)  # supervised positions only, row by row
+            loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
         tokens += targets.numel()
         hits, targets = (logits.argmax(-1) == targets).tolist(), targets.tolist()
         offset = 0
@@ -219,7 +218,7 @@ def read_run(model_path: str | Path, test_data: str | Path | None, max_samples: 
 def add_baseline(results: dict, base_summary: dict, scores: list[dict], base_scores: list[dict]) -> None:
     results["baseline"] = base_summary
     results["delta"] = {k: None if results[k] is None or base_summary[k] is None else results[k] - base_summary[k]
-                        for k in DELTA_METRICS}
+                        for k in metrics.DELTA_METRICS}
     # both models answered the same rows: the delta's interval comes from the per-row differences
     results["delta_ci"] = metrics.delta_ci(scores, base_scores)
 
@@ -228,6 +227,7 @@ def evaluate_run(model_path: str | Path, max_samples: int | None = None, batch_s
                  max_new_tokens: int = 128, test_data: str | Path | None = None, baseline: bool = True,
                  device: str | None = None, generate_samples: int | None = None) -> dict:
     """Evaluate a run folder, write evaluation_results.json and predictions.jsonl, return the results."""
+    import torch
     from peft import PeftModel
 
     began = time.perf_counter()
@@ -246,7 +246,7 @@ def evaluate_run(model_path: str | Path, max_samples: int | None = None, batch_s
         print("[evaluate] baseline: the base model " + ("(adapter disabled)" if isinstance(model, PeftModel)
                                                          else f"{run_cfg.model.name}"))
         if isinstance(model, PeftModel):
-            with model.disable_adapter():
+            with answering_as(model, "base"):
                 _, base, base_scores, base_summary = score(model, tokenizer, cfg=cfg)
         else:  # a full fine-tune: free it, then load the weights it started from
             del model
@@ -265,31 +265,9 @@ def evaluate_run(model_path: str | Path, max_samples: int | None = None, batch_s
                              "generate_samples": generate_samples, "device": used_device},
                    definitions=metrics.DEFINITIONS, seconds=round(time.perf_counter() - began, 1))
     lines = prediction_rows(rows, [p and tokenizer.decode(p) for p in prompts], tuned, scores, base)
-    _write_atomic(model_path / PREDICTIONS_FILE, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
-    _write_atomic(model_path / RESULTS_FILE, json.dumps(_finite(results), indent=2, ensure_ascii=False) + "\n")
+    write_jsonl(model_path / PREDICTIONS_FILE, lines)
+    write_json(model_path / RESULTS_FILE, _finite(results))
     return results
-
-
-def parse_adapters(values: list[str]) -> list[tuple[str, Path]]:
-    """["math=runs/math,zh=runs/zh", "runs/code"] -> [("math", runs/math), ("zh", runs/zh), ("code", runs/code)]"""
-    pairs: list[tuple[str, Path]] = []
-    for item in (part.strip() for value in values for part in value.split(",")):
-        if not item:
-            continue
-        name, sep, path = (part.strip() for part in item.partition("="))
-        if not sep:  # a bare run folder is named after the folder
-            name, path = Path(item).resolve().name, item
-        if not re.fullmatch(r"[A-Za-z0-9_\-]+", name) or not path:
-            raise ConfigError(f"--adapters {item}: write name=path (name: letters, digits, _ and -), "
-                              "e.g. math=runs/math")
-        if name in [n for n, _ in pairs]:
-            raise ConfigError(f"--adapters {item}: the name {name} is given twice; write name=path to tell them apart")
-        if adapter_name_problem(name):
-            raise ConfigError(f"--adapters {item}: {adapter_name_problem(name)}")
-        pairs.append((name, Path(path)))
-    if not pairs:
-        raise ConfigError("--adapters: no adapter given; write name=path,name=path")
-    return pairs
 
 
 def evaluate_adapters(adapters: list[tuple[str, Path]], output_dir: str | Path = ADAPTERS_OUTPUT_DIR,
@@ -304,19 +282,19 @@ def evaluate_adapters(adapters: list[tuple[str, Path]], output_dir: str | Path =
     results, lines, base_runs = {}, [], {}
     for name, path in adapters:
         run_cfg, test_path, rows = runs[name]
-        model.set_adapter(name)
         print(f"[evaluate] adapter {name}: {len(rows)} rows of {test_path} "
               f"(data.tasks={run_cfg.data.tasks or 'all'}), device {used_device}")
         score = functools.partial(score_model, model, tokenizer, rows, run_cfg, batch_size, max_new_tokens,
                                   generate_samples)
-        prompts, tuned, scores, summary = score()
+        with answering_as(model, name):
+            prompts, tuned, scores, summary = score()
         base = None
         if baseline:  # the same rows and prompts give the same base scores: score them once
             key = (str(test_path), tuple(sorted(run_cfg.data.tasks)), run_cfg.model.template,
                    run_cfg.data.max_length, run_cfg.data.train_on_prompt)
             if key not in base_runs:
                 print("[evaluate] baseline: the base model (every adapter disabled)")
-                with model.disable_adapter():
+                with answering_as(model, "base"):
                     base_runs[key] = score()[1:]
             base, base_scores, base_summary = base_runs[key]
             add_baseline(summary, base_summary, scores, base_scores)
@@ -331,10 +309,8 @@ def evaluate_adapters(adapters: list[tuple[str, Path]], output_dir: str | Path =
                             "generation_config": decoding_settings(),
                             "max_samples": max_samples, "generate_samples": generate_samples, "device": used_device},
                "definitions": metrics.DEFINITIONS}
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(output_dir / PREDICTIONS_FILE, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
-    _write_atomic(output_dir / RESULTS_FILE, json.dumps(_finite(results), indent=2, ensure_ascii=False) + "\n")
+    write_jsonl(Path(output_dir) / PREDICTIONS_FILE, lines)
+    write_json(Path(output_dir) / RESULTS_FILE, _finite(results))
     return results
 
 
@@ -356,6 +332,7 @@ def prediction_rows(rows, prompts: list, tuned, scores, base=None) -> list[dict]
 
 def _versions() -> dict:
     import peft
+    import torch
     import transformers
 
     import zhlora
@@ -375,76 +352,9 @@ def _finite(value):
     return value
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
-                                     delete=False) as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
-
-
-def _cell(value, width: int = 11) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return f"{'-':>{width}}"
-    # Large values (the perplexity of a model that has not learned the format) drop decimals,
-    # and a leading space keeps columns apart whatever the width.
-    return f" {value:>{width - 1}.{4 if abs(value) < 1e4 else 1}f}"
-
-
-def print_table(results: dict) -> None:
-    base, delta, delta_ci = results.get("baseline", {}), results.get("delta", {}), results.get("delta_ci", {})
-    # the label goes last: Chinese characters are double width and would break the columns
-    print(f"\n{'metric':<20}{'fine-tuned':>11}{'baseline':>11}{'delta':>11}   {'95% CI (fine-tuned)':<20}   "
-          f"{'95% CI (delta, paired)':<22}   meaning")
-    for key in DELTA_METRICS:
-        ci, dci = results["ci"].get(key), delta_ci.get(key)
-        ci_text = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-        dci_text = f"[{dci[0]:+.4f}, {dci[1]:+.4f}]" if dci else ""
-        print(f"{key:<20}{_cell(results[key])}{_cell(base.get(key))}{_cell(delta.get(key))}   {ci_text:<20}   "
-              f"{dci_text:<22}   {metrics.metric_label(key, with_key=False)}")
-    agree = results.get("forced_vs_generated", {})
-    if agree.get("rows"):
-        print(f"teacher-forced vs generated exact match: {agree['agree']}/{agree['rows']} generated rows agree")
-    print_per_task(results)
-
-
-def print_per_task(results: dict) -> None:
-    """n, base -> fine-tuned exact match and the fine-tuned 95% Wilson interval, one line per task."""
-    base = results.get("baseline", {})
-    checkable = {t: row for t, row in results["per_task"].items() if "exact_match" in row}
-    if checkable:
-        print(f"\n{'exact match by task':<20}{'n':>5}{'baseline':>11}{'fine-tuned':>11}   95% CI (fine-tuned)")
-        for task, row in checkable.items():
-            base_row, ci = base.get("per_task", {}).get(task, {}), row.get("exact_match_ci")
-            apart = "   (scored apart)" if task in metrics.SCORED_APART else ""
-            print(f"{task:<20}{row['n']:>5}{_cell(base_row.get('exact_match'))}{_cell(row['exact_match'])}   "
-                  + (f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + apart)
-
-
-def print_adapters_table(results: dict) -> None:
-    adapters = results["adapters"]
-    print(f"\n{'adapter':<16}{'n':>5}{'exact_match':>12}{'baseline':>11}{'test_loss':>11}   data.tasks")
-    for name, row in adapters.items():
-        base = row.get("baseline", {}).get("exact_match")
-        print(f"{name:<16}{row['num_samples']:>5}{_cell(row['exact_match'], 12)}{_cell(base)}"
-              f"{_cell(row['test_loss'])}   {', '.join(row['tasks']) or 'all'}")
-    tasks = sorted({t for row in adapters.values() for t, cell in row["per_task"].items() if "exact_match" in cell})
-    if tasks:  # '-': the adapter was not trained, so not scored, on that task
-        widths = [max(11, len(name) + 2) for name in adapters]
-        print(f"\n{'exact match by task':<20}" + "".join(f"{n:>{w}}" for n, w in zip(adapters, widths)))
-        for task in tasks:
-            print(f"{task:<20}" + "".join(_cell(row["per_task"].get(task, {}).get("exact_match"), w)
-                                          for row, w in zip(adapters.values(), widths)))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zhlora evaluate", description="Score a trained run on its test split.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model_path", default=None, help="the run folder training wrote (default: outputs)")
-    parser.add_argument("--adapters", action="append", default=None, metavar="NAME=PATH,...",
-                        help="LoRA runs sharing a base model, each scored on its own data.tasks; "
-                             "a bare PATH is named after its folder; may be repeated")
+    add_adapters_argument(parser, "LoRA runs sharing a base model, each scored on its own data.tasks")
     parser.add_argument("--output_dir", default=None,
                         help=f"where --adapters writes its results (default: {ADAPTERS_OUTPUT_DIR})")
     parser.add_argument("--max_samples", type=int, default=None, help="the first N test rows (default: all)")
@@ -456,47 +366,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test_data", default=None, help="a JSON array of alpaca rows (default: data.test_file)")
     parser.add_argument("--no_baseline", action="store_true", help="skip the base model")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda[:N] (default: the run's model.device)")
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from zhlora.data import DataError
-    from zhlora.formatting import TemplateError
-    from zhlora.models import ModelSourceError
-
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     for name in ("max_samples", "batch_size", "max_new_tokens", "generate_samples"):
         least = -1 if name == "generate_samples" else 1
         if getattr(args, name) is not None and getattr(args, name) < least:
-            print(f"zhlora evaluate: error: --{name} must be >= {least}", file=sys.stderr)
-            return 2
+            raise ConfigError(f"--{name} must be >= {least}")
     generate_samples = None if args.generate_samples == -1 else args.generate_samples
     if args.adapters and args.model_path:
-        print("zhlora evaluate: error: give --model_path (one run) or --adapters (several), not both", file=sys.stderr)
-        return 2
+        raise ConfigError("give --model_path (one run) or --adapters (several), not both")
     if args.output_dir and not args.adapters:
-        print("zhlora evaluate: error: --output_dir is for --adapters; one run's results go into its folder",
-              file=sys.stderr)
-        return 2
+        raise ConfigError("--output_dir is for --adapters; one run's results go into its folder")
     out = Path(args.output_dir or ADAPTERS_OUTPUT_DIR) if args.adapters else Path(args.model_path or "outputs")
-    try:
-        if args.adapters:
-            results = evaluate_adapters(parse_adapters(args.adapters), out, args.max_samples, args.batch_size,
-                                        args.max_new_tokens, args.test_data, not args.no_baseline, args.device,
-                                        generate_samples)
-        else:
-            results = evaluate_run(out, args.max_samples, args.batch_size, args.max_new_tokens,
-                                   args.test_data, not args.no_baseline, args.device, generate_samples)
-    except (ConfigError, DataError, ModelSourceError, TemplateError, FileNotFoundError) as err:
-        print(f"zhlora evaluate: error: {err}", file=sys.stderr)
-        return 2
     if args.adapters:
+        results = evaluate_adapters(parse_adapters(args.adapters), out, args.max_samples, args.batch_size,
+                                    args.max_new_tokens, args.test_data, not args.no_baseline, args.device,
+                                    generate_samples)
         print_adapters_table(results)
     else:
+        results = evaluate_run(out, args.max_samples, args.batch_size, args.max_new_tokens,
+                               args.test_data, not args.no_baseline, args.device, generate_samples)
         print_table(results)
     print(f"\n[evaluate] -> {out / RESULTS_FILE}, {out / PREDICTIONS_FILE}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,55 +19,50 @@ and evaluate.KEY=VALUE changes `evaluate`, e.g. evaluate.max_samples=16):
     evaluate: {max_samples: 48, max_new_tokens: 48, batch_size: 16, baseline: false}
     baseline_only: false                    # true: evaluate the untrained model, no training
 
-Each (point, seed) is a normal run folder, <output_dir>/<point>/seed<seed>/: train(cfg), then
-evaluate_run, both in this process. Finished work is never redone, so an interrupted sweep
-is resumed by running the same command: a folder holding train_summary.json and
-evaluation_results.json is skipped; one with train_summary.json alone is only evaluated;
-a killed training resumes from its last checkpoint (training.resume=true). A finished
-folder whose config.yaml differs from what the YAML now asks is refused, never mixed in.
-Last, <output_dir>/results.csv and results.md (mean and std over seeds, one row per point)
-and plots of quality against each varied number and against peak memory.
+Each (point, seed) is a normal run folder, <output_dir>/<point>/seed<seed>/: train(cfg), then evaluate_run,
+both in this process. Finished work is never redone, so an interrupted sweep is resumed by running the
+same command: a folder holding train_summary.json and evaluation_results.json is skipped; one with
+train_summary.json alone is only evaluated; a killed training resumes from its last checkpoint
+(training.resume=true). A finished folder whose config.yaml differs from what the YAML now asks is
+refused, never mixed in. Last, <output_dir>/results.csv and results.md (mean and std over seeds, one row
+per point) and, from results.csv, plots of quality against each varied number and peak memory.
 
 Choices, and why:
-- train_samples writes <point>/train.json, the first N rows of data.train_file (prepare_data.py
-  shuffles before writing, so the first N are a random sample and the small sets sit inside
-  the large ones), and points data.train_file at it: the config needs no new key. Varying
-  data.num_samples is refused: it only tells prepare_data.py how many rows to generate.
-- baseline_only saves an untrained LoRA adapter and evaluates it with the same evaluate_run as
-  every other run (same prompts, metrics and files). B starts at zero, so the adapter adds
-  exactly 0 and the model computes the base model's outputs (see lora.py). Greedy decoding
-  of an unchanged model does not depend on the seed, so only the first seed runs.
-- peak_memory_mb is a high-water mark of the whole process (train.py: peak RSS on a CPU, CUDA's
-  peak allocation on a GPU). Before each training the sweep resets both (Linux
-  /proc/self/clear_refs, torch.cuda.reset_peak_memory_stats), so each row is its own run's
-  peak. macOS cannot reset the RSS mark: there the column only ever grows along the sweep.
+- train_samples writes <point>/train.json, the first N rows of data.train_file (prepare_data.py shuffles
+  before writing, so the first N are a random sample and the small sets sit inside the large ones), and points
+  data.train_file at it: the config needs no new key. Varying data.num_samples is refused: it only tells
+  prepare_data.py how many rows to generate.
+- baseline_only saves an untrained LoRA adapter and evaluates it with the same evaluate_run as every other run
+  (same prompts, metrics and files). B starts at zero, so the adapter adds exactly 0 and the model computes
+  the base model's outputs (see lora.py). Greedy decoding of an unchanged model does not depend on the seed,
+  so only the first seed runs.
+- peak_memory_mb is a high-water mark of the whole process (train.py: peak RSS on a CPU, CUDA's peak
+  allocation on a GPU). Before each training the sweep resets both (Linux /proc/self/clear_refs,
+  torch.cuda.reset_peak_memory_stats), so each row is its own run's peak. macOS cannot reset the RSS mark:
+  there the column only ever grows along the sweep.
 """
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
 import difflib
 import gc
-import io
 import itertools
 import json
 import os
 import re
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from zhlora.config import Config, ConfigError, config_from_dict, load_config, save_config
-from zhlora.train import TrainingError, train
-from zhlora.train_setup import reset_accelerate_state
+from zhlora.config import Config, ConfigError, config_from_dict, load_config, parse_override, save_config
+from zhlora.data import DataError
+from zhlora.experiment_report import COSTS, QUALITY, plot_results, write_csv, write_markdown
+from zhlora.files import write_atomic, write_json
 
 TRAIN_SAMPLES = "train_samples"  # the grid key the experiment itself handles
-QUALITY = ["exact_match", "success_rate", "avg_similarity", "rouge_l", "test_loss"]  # mean and std over seeds
-COSTS = ["trainable_params", "seconds_per_step", "supervised_tokens_per_s", "peak_memory_mb", "adapter_size_mb",
-         "model_size_mb"]  # from train_summary.json, mean over seeds
 # generate_samples: None generates every row; N generates N (exact match of the rest: teacher forcing)
 EVALUATE_DEFAULTS = {"max_samples": 48, "max_new_tokens": 48, "batch_size": 16, "baseline": False,
                      "generate_samples": None}
@@ -77,12 +72,6 @@ SET_BY_THE_SWEEP = {"training.seed": "list them in seeds", "output.dir": "use --
                     "output.overwrite": "a finished run is never overwritten",
                     "data.num_samples": "it only tells prepare_data.py how many rows to generate; vary "
                                         "train_samples (the first N rows of data.train_file) instead"}
-# Plots of quality against a number, drawn when that key varies: key -> (file, x label, log base of x)
-AXES = {"lora.r": ("quality_vs_r.png", ("LoRA 秩 r", "LoRA r"), 2),
-        "training.learning_rate": ("quality_vs_learning_rate.png", ("学习率", "learning rate"), 10),
-        TRAIN_SAMPLES: ("quality_vs_train_samples.png", ("训练样本数", "train samples"), 2)}
-PLOTTED = {"exact_match": ("精确匹配", "exact match"), "avg_similarity": ("字符相似度", "similarity"),
-           "test_loss": ("测试损失", "test loss")}
 
 
 @dataclass
@@ -150,10 +139,11 @@ def _check_evaluate(path: Path, evaluate: dict) -> dict:
 
 def load_experiment(path: str | Path, cli_overrides: list[str] | None = None) -> Experiment:
     """Read and check an experiment YAML: every point's config must load before anything runs."""
-    from zhlora.config import parse_override
-
     path = Path(path)
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected keys {', '.join(TOP_KEYS)}")
     for key in raw:
@@ -215,13 +205,13 @@ def write_train_subset(source: str, n: int, target: Path) -> None:
     """The first n rows of the train file, written once (atomically) for every seed of a point."""
     if target.is_file():
         return
-    rows = json.loads(Path(source).read_text(encoding="utf-8"))
+    try:
+        rows = json.loads(Path(source).read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise DataError(str(err)) from None
     if len(rows) < n:
         raise ConfigError(f"{TRAIN_SAMPLES}={n}: {source} holds only {len(rows)} rows")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows[:n], ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, target)
+    write_atomic(target, json.dumps(rows[:n], ensure_ascii=False, indent=1))
 
 
 def zero_step_run(cfg: Config, folder: Path) -> None:
@@ -237,12 +227,14 @@ def zero_step_run(cfg: Config, folder: Path) -> None:
     save_trained(apply_lora(model, cfg), tokenizer, cfg, resolve_model_path(cfg.model.name), folder)
     save_config(cfg, folder / "config.yaml")
     summary = {"method": "base", "model": cfg.model.name, "steps": 0, "trainable_params": 0, "total_params": total}
-    (folder / "train_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    write_json(folder / "train_summary.json", summary)
 
 
 def reset_between_runs() -> None:
     """Make one process look fresh to the next train(): accelerate's state and the peak-memory marks."""
     import torch
+
+    from zhlora.training.setup import reset_accelerate_state
 
     reset_accelerate_state()
     gc.collect()  # the last run's model, before the memory marks restart
@@ -250,10 +242,8 @@ def reset_between_runs() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    try:
+    with contextlib.suppress(OSError):  # not Linux
         Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak RSS that getrusage reports
-    except OSError:
-        pass
 
 
 def check_same_config(folder: Path, cfg: Config) -> None:
@@ -272,15 +262,14 @@ def evaluation_is_current(path: Path, settings: dict) -> bool:
     if not path.is_file():
         return False
     results = json.loads(path.read_text(encoding="utf-8"))
-    done = results.get("settings", {})
-    return all(done.get(k) == settings[k] for k in ("max_samples", "max_new_tokens", "batch_size",
-                                                     "generate_samples")) and (
-        "baseline" in results) == settings["baseline"]
+    done, keys = results.get("settings", {}), ("max_samples", "max_new_tokens", "batch_size", "generate_samples")
+    return all(done.get(k) == settings[k] for k in keys) and ("baseline" in results) == settings["baseline"]
 
 
 def run_one(exp: Experiment, cfg: Config, folder: Path) -> str:
     """Train (unless done) and evaluate (unless done) one run folder; say what was done."""
     from zhlora.evaluate import RESULTS_FILE, evaluate_run
+    from zhlora.train import TrainingError, train
 
     check_same_config(folder, cfg)
     trained = (folder / "train_summary.json").is_file()
@@ -288,7 +277,10 @@ def run_one(exp: Experiment, cfg: Config, folder: Path) -> str:
         return "done before"
     if not trained:
         reset_between_runs()
-        zero_step_run(cfg, folder) if exp.baseline_only else train(cfg)
+        try:
+            zero_step_run(cfg, folder) if exp.baseline_only else train(cfg)
+        except TrainingError as err:  # the checkpoint is saved: the same command picks the sweep up again
+            raise TrainingError(f"{err}\nRun the same command again to resume the sweep.") from err
     evaluate_run(folder, **exp.evaluate)
     return "evaluated" if trained else "trained and evaluated"
 
@@ -313,162 +305,6 @@ def collect(exp: Experiment, output_dir: Path) -> list[dict]:
             row[name] = None if not values else values[0] if len(set(values)) == 1 else statistics.fmean(values)
         rows.append(row)
     return rows
-
-
-def write_if_changed(path: Path, data: bytes) -> None:
-    """Leave an identical file alone, so a sweep with nothing new to do changes nothing on disk."""
-    if not (path.is_file() and path.read_bytes() == data):
-        path.write_bytes(data)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.4f}"
-    return str(value)
-
-
-def _grid_columns(rows: list[dict]) -> list[str]:
-    """The grid's keys over all rows: points given as mappings may each set other keys."""
-    keys = dict.fromkeys(k for row in rows for k in row)
-    return [k for k in keys if k not in ("point", "seeds", *COSTS) and not k.endswith(("_mean", "_std"))]
-
-
-def write_csv(rows: list[dict], output_dir: Path) -> None:
-    """results.csv: every number at full precision, empty where there is none."""
-    text = io.StringIO()
-    grid = _grid_columns(rows)
-    fieldnames = ["point", *grid, *(k for k in rows[0] if k != "point" and k not in grid)]
-    writer = csv.DictWriter(text, fieldnames=fieldnames, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
-    write_if_changed(output_dir / "results.csv", text.getvalue().encode())
-
-
-def write_markdown(exp: Experiment, rows: list[dict], output_dir: Path, command: str) -> None:
-    """results.md: the same table for reading, mean ± std, and the plots below it."""
-    ev = exp.evaluate
-    lines = [f"# {exp.name}", "", f"`{command}`", "",
-             f"{len(rows)} points x seeds {', '.join(map(str, exp.run_seeds()))}; mean ± sample std (n - 1) over "
-             f"seeds. Evaluation: the first {ev['max_samples'] or 'all'} test rows, greedy, max_new_tokens "
-             f"{ev['max_new_tokens']}.", "",
-             "exact_match, success_rate, avg_similarity: shares in [0, 1]; rouge_l x 100; test_loss: mean per "
-             "supervised token (zhlora/metrics.py). peak_memory_mb: peak RSS on a CPU, peak allocation on a GPU.",
-             ""]
-    keys = _grid_columns(rows)
-    header = ["point", *keys, *QUALITY, *COSTS]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        quality = [_cell(row[f"{m}_mean"]) + ("" if row[f"{m}_std"] is None else f" ± {_cell(row[f'{m}_std'])}")
-                   for m in QUALITY]
-        lines.append("| " + " | ".join([row["point"], *(row.get(k, "-") for k in keys), *quality,
-                                         *(_cell(row[c]) for c in COSTS)]) + " |")
-    lines += ["", *(f"![{p.name}]({p.name})" for p in sorted(output_dir.glob("quality_vs_*.png")))]
-    write_if_changed(output_dir / "results.md", ("\n".join(lines) + "\n").encode())
-
-
-def _number(text: str) -> float | None:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return None
-
-
-def _numbers_first(values: tuple) -> tuple:
-    """Sort key: 4 before 16 (not as text), then text."""
-    return tuple((_number(v) is None, _number(v) or 0.0, v) for v in values)
-
-
-def plot_against(plt, rows: list[dict], key: str, xlabel: str, log_base: int, label):
-    """One panel per PLOTTED metric: mean ± std over seeds against `key`; a line per other setting."""
-    grid_keys = _grid_columns(rows)
-    # A key that moves together with this one (lora_alpha = 2r, set by a mapping) is no other dimension.
-    others = [k for k in grid_keys if len({(r[key], r[k]) for r in rows}) > len({r[key] for r in rows})]
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.6))
-    for ax, (metric, names) in zip(axes, PLOTTED.items()):
-        for combo in sorted({tuple(r[k] for k in others) for r in rows}, key=_numbers_first):
-            mine = sorted((r for r in rows if tuple(r[k] for k in others) == combo), key=lambda r: float(r[key]))
-            y = [_number(r[f"{metric}_mean"]) for r in mine]
-            ax.errorbar([float(r[key]) for r in mine], [float("nan") if v is None else v for v in y],
-                        yerr=[_number(r[f"{metric}_std"]) or 0.0 for r in mine], marker="o", capsize=3,
-                        label=", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(others, combo)) or None)
-        ax.set_xscale("log", base=log_base)
-        ticks = sorted({float(r[key]) for r in rows})
-        ax.set_xticks(ticks, labels=[f"{t:g}" for t in ticks])  # the values tried, not powers of the base
-        ax.minorticks_off()
-        ax.set(xlabel=label(*xlabel), title=label(*names))
-        ax.grid(alpha=0.3)
-        if others:
-            ax.legend(fontsize=7)
-    return fig
-
-
-def _moves_with_a_category(rows: list[dict], key: str) -> bool:
-    """lora at 1e-3 against full at 5e-5 compares two recipes; it is not a learning-rate curve."""
-    together = [k for k in _grid_columns(rows) if k != key and len({r[k] for r in rows}) > 1
-                and len({(r[key], r[k]) for r in rows}) == len({r[key] for r in rows})]
-    return any(_number(r[k]) is None for k in together for r in rows)
-
-
-def plot_pareto(plt, points: list[tuple[float, float, str]], label):
-    """Exact match against peak memory; the red steps join the points nothing beats on both."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([m for m, _, _ in points], [q for _, q, _ in points])
-    for m, q, name in points:
-        ax.annotate(name, (m, q), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    front, best = [], float("-inf")
-    for m, q, _ in sorted(points):  # lightest first: keep each point better than all lighter ones
-        if q > best:
-            front.append((m, q))
-            best = q
-    ax.step(*zip(*front), where="post", color="#d62728", alpha=0.6, label=label("帕累托前沿", "Pareto front"))
-    ax.set(xlabel=label("峰值内存/MB", "peak memory, MB"), ylabel=label("精确匹配", "exact match"),
-           title=label("质量与峰值内存", "quality vs peak memory"))
-    ax.margins(x=0.25, y=0.15)  # room for the point names
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return fig
-
-
-def plot_results(output_dir: Path) -> list[Path]:
-    """quality_vs_<key>.png per varied number, quality_vs_peak_memory.png; drawn from results.csv."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    try:  # plots.py's Chinese font, when it finds one; English labels otherwise
-        from zhlora.plots import cjk_font, make_label
-        family = cjk_font()
-        label = make_label(family is not None)
-    except ImportError:
-        family, label = None, (lambda zh, en, sep=" ": en)
-    with open(output_dir / "results.csv", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    memory = [(_number(r["peak_memory_mb"]), _number(r["exact_match_mean"]), r["point"]) for r in rows]
-    memory = [m for m in memory if None not in m]
-    style = {"font.family": "sans-serif", "font.sans-serif": [family, "DejaVu Sans"] if family else ["DejaVu Sans"]}
-    written = []
-    with plt.rc_context(style):  # scoped, as in plots.py
-        for key, (name, xlabel, log_base) in AXES.items():
-            if key in rows[0] and len({r[key] for r in rows}) > 1 and not _moves_with_a_category(rows, key):
-                fig = plot_against(plt, rows, key, xlabel, log_base, label)
-                written.append(_save_png(plt, fig, output_dir / name))
-        if len({m for m, _, _ in memory}) > 1:
-            written.append(_save_png(plt, plot_pareto(plt, memory, label), output_dir / "quality_vs_peak_memory.png"))
-    return written
-
-
-def _save_png(plt, fig, path: Path) -> Path:
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_if_changed(path, buffer.getvalue())
-    return path
 
 
 def run_experiment(path: str | Path, output_dir: str | Path | None = None,
@@ -500,28 +336,12 @@ def run_experiment(path: str | Path, output_dir: str | Path | None = None,
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    from zhlora.data import DataError
-    from zhlora.formatting import TemplateError
-    from zhlora.models import ModelSourceError
-
-    parser = argparse.ArgumentParser(prog="zhlora experiment",
-                                     description="Train and evaluate a grid of settings over seeds; compare.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help="an experiment YAML, e.g. configs/experiments/r_ablation.yaml")
     parser.add_argument("--output_dir", default=None, help="default: runs/<experiment name>")
     parser.add_argument("overrides", nargs="*", help="key=value applied to every point, e.g. training.max_steps=10")
-    args = parser.parse_intermixed_args(argv)  # overrides may come before or after --output_dir
-    try:
-        run_experiment(args.experiment, args.output_dir, args.overrides)
-    except (ConfigError, DataError, ModelSourceError, TemplateError, FileNotFoundError) as err:
-        print(f"zhlora experiment: error: {err}", file=sys.stderr)
-        return 2
-    except TrainingError as err:
-        print(f"zhlora experiment: stopped: {err}\nRun the same command again to resume the sweep.",
-              file=sys.stderr)
-        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    run_experiment(args.experiment, args.output_dir, args.overrides)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,6 +23,8 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from zhlora.errors import ZhloraError
+
 IGNORE_INDEX = -100  # the label value torch's cross_entropy skips
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 # End-of-turn tokens of common chat templates: ChatML (Qwen, SmolLM2), Llama 3, Gemma. They can
@@ -30,7 +32,7 @@ TEMPLATE_DIR = Path(__file__).parent / "templates"
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 
 
-class TemplateError(ValueError):
+class TemplateError(ZhloraError, ValueError):
     """A chat template zhlora cannot use safely; the message says why."""
 
 

@@ -1,11 +1,11 @@
 """Load a trained run and generate from it: batched (evaluation) or streamed (demo, server).
 
     model, tokenizer, cfg = load_run("outputs")
-    model, tokenizer, cfg = load_adapters([("math", Path("runs/math")), ("zh", Path("runs/zh"))])
     results = generate(model, tokenizer, [encode_prompt(sample, tokenizer)], max_new_tokens=128)
 
 A run folder (what training/train.py writes) holds config.yaml, which names the base
 model, and either a LoRA adapter (adapter_config.json) or a full model (config.json).
+More adapters beside a run's own, and switching between them: zhlora/serving/adapters.py.
 Prompts always come from formatting.encode_prompt, the function training used.
 
 Batched generation pads on the left (so every prompt ends where generation starts),
@@ -21,12 +21,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from zhlora import safety
 from zhlora.config import Config, load_config
+from zhlora.errors import ZhloraError
 from zhlora.formatting import stop_ids
-from zhlora.models import load_model, load_tokenizer, pick_device
+
+# torch and the model loaders are imported inside the functions that use them: the demo and
+# evaluate import this module at the top, and `zhlora --help` imports those to list its commands.
+
+
+class RunFolderError(ZhloraError, FileNotFoundError):
+    """A --model_path that is not a finished zhlora run folder; the message says what is missing."""
 
 
 @dataclass
@@ -46,9 +51,11 @@ def load_run(model_path: str | Path, device: str | None = None, allow_pickle: bo
     allow_pickle) and an adapter that does not fit its base model, and the folder's
     config.yaml cannot turn trust_remote_code on (only the caller's flag can).
     """
+    from zhlora.models import load_model, load_tokenizer
+
     model_path = Path(model_path)
     if not (model_path / "config.yaml").is_file():
-        raise FileNotFoundError(f"{model_path}/config.yaml not found: is {model_path} a zhlora run folder "
+        raise RunFolderError(f"{model_path}/config.yaml not found: is {model_path} a zhlora run folder "
                                 "(the output.dir of training/train.py)?")
     cfg: Config = load_config(model_path / "config.yaml")
     safety.run_trust_remote_code(cfg, trust_remote_code)
@@ -65,41 +72,16 @@ def load_run(model_path: str | Path, device: str | None = None, allow_pickle: bo
         cfg.model.name = str(model_path)  # a full fine-tune is a whole model
         model, _ = load_model(cfg.model)
     else:
-        raise FileNotFoundError(f"{model_path} holds no adapter_config.json or config.json: "
+        raise RunFolderError(f"{model_path} holds no adapter_config.json or config.json: "
                                 "training did not finish (resume it with training.resume=true)")
     tokenizer = load_tokenizer(str(model_path))
     return model.eval(), tokenizer, cfg
 
 
-def load_adapters(adapters: list[tuple[str, Path]], device: str | None = None, allow_pickle: bool = False):
-    """(model, tokenizer, cfg): the base model loaded once, every (name, run folder) adapter in one
-    PeftModel under its name (`model.set_adapter(name)` switches); cfg is the first run's.
-
-    The runs must share their base model (config.yaml's model.name, compared loosely as
-    safety.model_key does); each adapter also passes safety.check_adapter_folder.
-    """
-    runs = [(name, Path(path), load_config(Path(path) / "config.yaml")) for name, path in adapters]
-    first_name, first_path, first_cfg = runs[0]
-    for name, path, cfg in runs:
-        if safety.adapter_name_problem(name):
-            raise safety.AdapterError(f"{name}={path}: {safety.adapter_name_problem(name)}")
-        if not (path / "adapter_config.json").is_file():
-            raise safety.AdapterError(f"{name}={path}: no adapter_config.json; a LoRA run folder is needed "
-                                      "(a full fine-tune is a whole model: evaluate it with --model_path)")
-        if safety.model_key(cfg.model.name) != safety.model_key(first_cfg.model.name):
-            raise safety.AdapterError(
-                f"{name}={path} was trained on base model {cfg.model.name!r}, but {first_name}={first_path} on "
-                f"{first_cfg.model.name!r}: adapters loaded together must share one base model")
-    model, tokenizer, cfg = load_run(first_path, device, allow_pickle, adapter_name=first_name)
-    base = model.get_base_model()
-    for name, path, _ in runs[1:]:
-        safety.check_adapter_folder(path, base.config, allow_pickle, base_model=base)
-        model.load_adapter(str(path), adapter_name=name)
-    return model.eval(), tokenizer, cfg
-
-
 def load_base(cfg: Config):
     """The base model alone (for baselines and `--compare`)."""
+    from zhlora.models import load_model, pick_device
+
     model, tokenizer = load_model(cfg.model, pick_device(cfg.model.device))
     return model.eval(), tokenizer
 
@@ -143,10 +125,11 @@ def generation_config(model, tokenizer, max_new_tokens: int, do_sample: bool = F
                             eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, use_cache=True)
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 128, batch_size: int = 8,
              do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> list[Generation]:
     """Answers for many prompts (token ids), in the order given."""
+    import torch
+
     device = next(model.parameters()).device
     config = generation_config(model, tokenizer, max_new_tokens, do_sample, temperature, top_p)
     stop = config.eos_token_id
@@ -162,7 +145,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 1
             ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]):] = 1
         began = time.perf_counter()
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
         seconds = (time.perf_counter() - began) / len(chunk)
         for row, i in enumerate(chunk):
             new = out[row, width:].tolist()
@@ -176,6 +160,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 1
 def stream(model, tokenizer, prompt: list[int], max_new_tokens: int = 256, do_sample: bool = True,
            temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None):
     """Yield the answer piece by piece as it is generated (the demo and the server)."""
+    import torch
     from transformers import TextIteratorStreamer
 
     device = next(model.parameters()).device

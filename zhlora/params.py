@@ -19,13 +19,9 @@ configs of the models the README names ship in zhlora/resources/model_configs/
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-import torch
-
 from zhlora.config import Config, ConfigError, load_config
-from zhlora.models import EMBEDDED_MODELS, ModelSourceError, cache_root, is_converted
 
 SHIPPED_CONFIGS = Path(__file__).parent / "resources" / "model_configs"  # <org>--<name>/config.json
 EMBEDDED_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # what the GGUF was made from
@@ -35,6 +31,8 @@ BYTES_FP32 = 4
 def model_config(name: str, trust_remote_code: bool = False):
     """(transformers config, where it was read) for a model source, without loading weights."""
     from transformers import AutoConfig
+
+    from zhlora.models import EMBEDDED_MODELS, ModelSourceError, cache_root, is_converted
 
     if name in EMBEDDED_MODELS:
         cached = cache_root() / name
@@ -71,6 +69,7 @@ def count(hf_config, cfg: Config) -> tuple[int, int, int]:
     """
     import warnings
 
+    import torch
     from transformers import AutoModelForCausalLM
 
     from zhlora.adapter import apply_lora, count_parameters
@@ -82,15 +81,11 @@ def count(hf_config, cfg: Config) -> tuple[int, int, int]:
         return (*count_parameters(apply_lora(model, cfg)), base)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zhlora params",
-                                     description="Trainable and total parameters of a LoRA setting, from the "
-                                                 "model's config alone (no weights, no download of weights).")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="model source or a zhlora YAML config (default: configs/default.yaml's model)")
     parser.add_argument("--ranks", default=None, help="comma-separated r values, one row each, e.g. 8,16,32")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.target_modules=all-linear")
-    return parser
 
 
 def settings(args) -> Config:
@@ -115,21 +110,16 @@ def parse_ranks(text: str) -> list[int]:
     return ranks
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = settings(args)
-        ranks = parse_ranks(args.ranks) if args.ranks else [cfg.lora.r]
-        if args.ranks and cfg.training.method == "full":
-            raise ConfigError("--ranks: training.method=full trains every parameter; r does not apply")
-        hf_config, source = model_config(cfg.model.name, cfg.model.trust_remote_code)
-        rows = []
-        for r in ranks:
-            cfg.lora.r = r
-            rows.append((r, *count(hf_config, cfg)))
-    except (ConfigError, ModelSourceError) as err:
-        print(f"zhlora params: error: {err}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    cfg = settings(args)
+    ranks = parse_ranks(args.ranks) if args.ranks else [cfg.lora.r]
+    if args.ranks and cfg.training.method == "full":
+        raise ConfigError("--ranks: training.method=full trains every parameter; r does not apply")
+    hf_config, source = model_config(cfg.model.name, cfg.model.trust_remote_code)
+    rows = []
+    for r in ranks:
+        cfg.lora.r = r
+        rows.append((r, *count(hf_config, cfg)))
 
     lora = cfg.lora
     print(f"model: {cfg.model.name}  (config: {source})")
@@ -146,7 +136,3 @@ def main(argv: list[str] | None = None) -> int:
     print("full parameters: the model alone, tied embeddings once; percent: trainable / all parameters "
           "including the adapter, as PEFT and train.py print it")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,6 +22,7 @@ import importlib.util
 import json
 import math
 import sys
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,6 +33,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 
+from zhlora.errors import ZhloraError  # noqa: E402
+from zhlora.files import save_png  # noqa: E402
 from zhlora.metrics import LABELS  # noqa: E402
 
 HISTORY_FILE, RESULTS_FILE, PREDICTIONS_FILE = "training_history.jsonl", "evaluation_results.json", "predictions.jsonl"
@@ -49,6 +52,10 @@ SCORES = {k: LABELS[k] for k in ["success_rate", "avg_similarity", "exact_match"
 SHARES = {"success_rate", "avg_similarity", "exact_match"}
 # Each of these has a unit of its own, so each gets a small panel of its own.
 OTHERS = {k: LABELS[k] for k in ["test_loss", "perplexity", "avg_length", "avg_length_tokens", "avg_generation_time"]}
+
+
+class PlotError(ZhloraError, ValueError):
+    """A run folder or logged file that cannot be drawn (missing, or a malformed line)."""
 
 
 @lru_cache(maxsize=1)
@@ -78,7 +85,18 @@ def make_label(chinese: bool):
     return label
 
 
-def read_jsonl(path: Path) -> list[dict]:
+@contextmanager
+def chinese_labels():
+    """Within: matplotlib draws with the Chinese font (when one is found). Yields label(zh, en).
+
+    The rcParams change is scoped, so whoever imports this module keeps their own."""
+    family = cjk_font()
+    style = {"font.family": "sans-serif", "font.sans-serif": [family, "DejaVu Sans"] if family else ["DejaVu Sans"]}
+    with plt.rc_context(style):
+        yield make_label(family is not None)
+
+
+def read_log(path: Path) -> list[dict]:
     """Rows of a JSONL file. A torn last line (a writer still appending) is skipped."""
     rows = []
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -106,13 +124,6 @@ def ema(values: list[float], weight: float | None = None) -> np.ndarray:
     return np.asarray(out)
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def _line_plot(steps, values, title, ylabel, path, label, written, smooth=True, sci=False) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if smooth:
@@ -125,7 +136,7 @@ def _line_plot(steps, values, title, ylabel, path, label, written, smooth=True, 
         ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     ax.set(title=title, xlabel=label("训练步数", "step"), ylabel=ylabel)
     ax.grid(alpha=0.3)
-    written.append(_save(fig, path))
+    written.append(save_png(fig, path, dpi=120))
 
 
 def plot_history(rows: list[dict], out: Path, label) -> list[Path]:
@@ -148,7 +159,7 @@ def plot_history(rows: list[dict], out: Path, label) -> list[Path]:
            ylabel=label("交叉熵", "cross-entropy per token"))
     ax.grid(alpha=0.3)
     ax.legend()
-    written.append(_save(fig, out / "training_loss.png"))
+    written.append(save_png(fig, out / "training_loss.png", dpi=120))
 
     for key, name, smooth, sci in [("learning_rate", ("学习率", "learning rate"), False, True),
                                    ("grad_norm", ("梯度范数", "gradient norm"), True, False)]:
@@ -229,7 +240,7 @@ def plot_metrics(results: dict, out: Path, label) -> Path:
         small.set_title(label(*OTHERS[key], sep="\n"), fontsize=10)
         small.margins(y=0.2)
         small.grid(axis="y", alpha=0.3)
-    return _save(fig, out / "metrics_comparison.png")
+    return save_png(fig, out / "metrics_comparison.png", dpi=120)
 
 
 def plot_per_task(results: dict, out: Path, label) -> Path | None:
@@ -259,7 +270,7 @@ def plot_per_task(results: dict, out: Path, label) -> Path | None:
         ax.set_xlabel(label("无标准答案、未画出", "no exact answer, not shown") + ": " + ", ".join(skipped))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", ncol=2)
-    return _save(fig, out / "per_task_exact_match.png")
+    return save_png(fig, out / "per_task_exact_match.png", dpi=120)
 
 
 def plot_predictions(rows: list[dict], out: Path, label) -> list[Path]:
@@ -283,7 +294,7 @@ def plot_predictions(rows: list[dict], out: Path, label) -> list[Path]:
     ax.set(title=label("生成长度分布", "generation length"),
            xlabel=label("回答长度 (字符)", "answer length, characters"), ylabel=label("样本数", "samples"))
     ax.legend()
-    written.append(_save(fig, out / "generation_length_hist.png"))
+    written.append(save_png(fig, out / "generation_length_hist.png", dpi=120))
 
     # generation_time is each batch's wall time / its batch size, so a batch's samples share a value.
     timed = [r for r in rows if r.get("generation_time") is not None]
@@ -301,21 +312,18 @@ def plot_predictions(rows: list[dict], out: Path, label) -> list[Path]:
     ax.set(title=label("微调后模型每样本生成时间", "fine-tuned generation time per sample"),
            xlabel=label("秒", "seconds"), ylabel=label("样本数", "samples"))
     ax.legend()
-    written.append(_save(fig, out / "generation_time_hist.png"))
+    written.append(save_png(fig, out / "generation_time_hist.png", dpi=120))
     return written
 
 
 def plot_run(output_dir: str | Path) -> list[Path]:
     """Draw every plot whose input file exists in output_dir; return the PNGs written."""
     out = Path(output_dir)
-    family = cjk_font()
-    label = make_label(family is not None)
-    style = {"font.family": "sans-serif", "font.sans-serif": [family, "DejaVu Sans"] if family else ["DejaVu Sans"]}
     written: list[Path] = []
-    with plt.rc_context(style):  # scoped: whoever imports this keeps their own rcParams
+    with chinese_labels() as label:
         history = out / HISTORY_FILE
         if history.is_file():
-            written += plot_history(read_jsonl(history), out, label)
+            written += plot_history(read_log(history), out, label)
         else:
             print(f"[plot] {history} not found (train first); skipped the training curves")
         results_path = out / RESULTS_FILE
@@ -326,7 +334,7 @@ def plot_run(output_dir: str | Path) -> list[Path]:
         else:
             print(f"[plot] {results_path} not found (run evaluate first); skipped the metric plots")
         predictions = out / PREDICTIONS_FILE
-        rows = read_jsonl(predictions) if predictions.is_file() else []
+        rows = read_log(predictions) if predictions.is_file() else []
         if rows:
             written += plot_predictions(rows, out, label)
         else:
@@ -334,35 +342,23 @@ def plot_run(output_dir: str | Path) -> list[Path]:
     return written
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zhlora plot", description="Draw a run's logged files as PNGs.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", default="outputs", help="the run folder (training's output.dir)")
     parser.add_argument("--experiments", default=None, metavar="DIR",
                         help="a folder of experiment results to compare (not available yet)")
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     if args.experiments:
-        print("zhlora plot: error: --experiments is not available yet; plot one run with --output_dir",
-              file=sys.stderr)
-        return 2
+        raise PlotError("--experiments is not available yet; plot one run with --output_dir")
     if not Path(args.output_dir).is_dir():
-        print(f"zhlora plot: error: {args.output_dir}: no such folder (train first, or pass --output_dir)",
-              file=sys.stderr)
-        return 2
+        raise PlotError(f"{args.output_dir}: no such folder (train first, or pass --output_dir)")
     try:
         written = plot_run(args.output_dir)
     except (ValueError, KeyError) as err:  # a malformed log line or results file
-        print(f"zhlora plot: error: {err}", file=sys.stderr)
-        return 2
+        raise PlotError(str(err)) from err
     for path in written:
         print(f"[plot] -> {path}")
     if not written:
         print(f"[plot] nothing to plot in {args.output_dir}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

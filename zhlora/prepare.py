@@ -22,6 +22,7 @@ from pathlib import Path
 
 from zhlora import data as zdata
 from zhlora.config import Config
+from zhlora.files import write_atomic
 from zhlora.formatting import IGNORE_INDEX, encode_sample
 from zhlora.tasks import generate_samples
 
@@ -81,8 +82,7 @@ def load_sources(specs: list[str], cfg: Config, columns: dict | None, encoding: 
         print(f"[prepare] {path}: {counts}")
         loaded.append((result, amount))
     if problems:
-        problems_file.parent.mkdir(parents=True, exist_ok=True)
-        problems_file.write_text("".join(f"{p}\n" for p in problems), encoding="utf-8")
+        write_atomic(problems_file, "".join(f"{p}\n" for p in problems))
         print(f"[prepare] {len(problems)} rows refused, each listed with its reason in {problems_file}")
     return zdata.mix_sources(loaded, seed=cfg.training.seed)
 

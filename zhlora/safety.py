@@ -26,9 +26,10 @@ import re
 import sys
 from pathlib import Path
 
-import torch
+from zhlora.errors import ZhloraError
 
-from zhlora.models import ModelSourceError
+# torch is imported inside the three checks that use it: `zhlora --help` imports this module
+# (through the --adapters parser of demo, serve, evaluate and merge-adapters) and need not wait for it.
 
 SAFE_ADAPTER = "adapter_model.safetensors"
 PICKLE_ADAPTER = "adapter_model.bin"  # the name PEFT falls back to when there is no safetensors
@@ -36,7 +37,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 
 
-class AdapterError(ModelSourceError):
+class AdapterError(ZhloraError, RuntimeError):
     """An adapter or model folder zhlora will not load; the message says why and what to do."""
 
 
@@ -116,6 +117,7 @@ def model_key(name: str) -> str:
 def weight_shapes(folder: Path, allow_pickle: bool = False) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape, from the safetensors header (nothing loaded), or from a pickle
     read with weights_only=True when allowed."""
+    import torch
     from safetensors import SafetensorError, safe_open
 
     safe = folder / SAFE_ADAPTER
@@ -165,6 +167,7 @@ def _adapter_config(folder: Path) -> dict:
 
 def _skeleton(base_model_config):
     """The base model's layers without weights (meta device): names and shapes only."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     try:
@@ -176,6 +179,8 @@ def _skeleton(base_model_config):
 
 def _module_shapes(model) -> dict[str, tuple[int, int] | None] | None:
     """Module name -> (in_features, out_features) for linear and embedding layers, else None."""
+    import torch
+
     if model is None:
         return None
     shapes = {}

@@ -31,6 +31,10 @@ other phrasings of some families that no generated training row uses: heldout_ro
 from them, so a demo can ask the way a user would and not the way training did.
 
 Print a few rows:  python -m zhlora.tasks 8 --seed 1 --tasks date unit [--heldout]
+
+This file is longer than 400 lines: fourteen families, each a short generator beside the
+oracle that answers it, read as one table; split across files, a family's question and the
+check of its answer (check_answer, at the end) would no longer sit in one place.
 """
 
 from __future__ import annotations
@@ -320,6 +324,13 @@ TASKS: dict[str, TaskSpec] = {
     "open_qa": TaskSpec("free text", _open_qa_rows),
 }
 CHECKABLE_TASKS: frozenset[str] = frozenset(TASKS) - {"open_qa"}
+
+
+def selected(row: dict, tasks: list[str]) -> bool:
+    """Whether data.tasks keeps a row. The list picks built-in families; a row of the user's own
+    data (task "user", or a label of theirs) always stays, so the guide's default config, which
+    lists five families, still trains on `prepare --source my.jsonl`."""
+    return not tasks or row.get("task") in tasks or row.get("task") not in TASKS
 
 # A family that yields this many already-seen rows back to back counts as used up.
 _PATIENCE = 200

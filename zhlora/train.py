@@ -3,117 +3,231 @@
     python training/train.py [--config configs/default.yaml] [key=value ...]
     torchrun --nproc_per_node=2 training/train.py ...      # data-parallel (gloo on CPU)
 
-The loop is ours (not HF Trainer) so that what it optimises stays visible
-(`compute_loss`), and so resume is exact: the batch order of each epoch is a pure
-function of the seed, and a checkpoint stores weights, optimizer, scheduler, each
-process's RNG and the position in the epoch. accelerate handles devices, mixed
-precision and DDP / DeepSpeed (DeepSpeed with gradient_accumulation_steps=1), so the
-same command runs on a laptop CPU or many GPUs.
+The loop is ours (not HF Trainer) so that what it optimises stays visible: `train` is the
+loop, `step` one optimizer step, and the loss is zhlora/loss.py's `compute_loss`.
+`build_run` does everything before the first step (with zhlora/training/'s helpers),
+`finish` everything after the last. Resume is exact: the batch order of each epoch is a
+pure function of the seed, and a checkpoint stores weights, optimizer, scheduler, each
+process's RNG and the position in the epoch. accelerate handles devices, mixed precision
+and DDP / DeepSpeed (DeepSpeed with gradient_accumulation_steps=1), so the same command
+runs on a laptop CPU or many GPUs.
 """
 from __future__ import annotations
 
 import hashlib
-import itertools
-import json
 import math
 import resource
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import DistributedType, gather_object
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from zhlora.adapter import apply_lora, count_parameters, save_trained, trainable_state
-from zhlora.batching import collate_packed, collate_padded, epoch_batches, pack_samples
-from zhlora.checkpoint import list_checkpoints, rng_state, save_checkpoint
 from zhlora.config import Config, ConfigError, save_config
-from zhlora.distill import Distiller
+from zhlora.errors import ZhloraError
+from zhlora.files import write_json
 from zhlora.formatting import IGNORE_INDEX
-from zhlora.models import answer_logits, load_model, resolve_model_path
-from zhlora.progressive import grow_lora, parse_schedule
-from zhlora.tracking import Tracker, check_report_to
-from zhlora.train_setup import (Run, batch_stream_settings, check_output_dir, load_split, make_accelerator,
-                                raw_optimizer, resume, resume_point)
+from zhlora.loss import compute_loss
+from zhlora.models import load_model, resolve_model_path
+from zhlora.training.batching import batch_stream, collate, collate_padded, count_steps, real_tokens, step_windows
+from zhlora.training.checkpoint import list_checkpoints, rng_state, save_checkpoint
+from zhlora.training.distill import Distiller
+from zhlora.training.progressive import grow_lora, parse_schedule
+from zhlora.training.setup import (Run, batch_stream_settings, check_output_dir, load_split, make_accelerator,
+                                   raw_optimizer, resume, resume_point)
+from zhlora.training.tracking import Tracker, check_report_to
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ZhloraError, RuntimeError):
     """Training cannot go on (a NaN loss, an interrupted run); the message says what to do."""
 
+    exit_code = 1  # the config was fine; the run itself stopped
+    verb = "stopped"
 
-def compute_loss(model, batch: dict, supervised_logits: bool = True) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over supervised tokens, and how many there are.
 
-    Token t predicts token t+1, so logits drop the last position and labels the
-    first. Labels of -100 (prompt and padding) are skipped. The caller divides by
-    the supervised-token count of the whole optimizer step (all micro-batches, all
-    processes), so every answer token weighs the same however batches are cut.
+def train(cfg: Config) -> dict:
+    """Run a whole training; returns the summary also written to train_summary.json."""
+    run = build_run(cfg)
+    acc, t = run.acc, cfg.training
+    tracker = Tracker(run.output_dir, t.report_to, cfg.to_dict(), run.step if run.resumed else None,
+                      acc.is_main_process)
+    stream = step_windows(run, run.epoch, run.index)
+    stop = StopFlag()
+    run.model.train()
+    meter = Meter(run.step)
+    last_loss = last_eval = float("nan")
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", disable=not acc.is_main_process)
+    try:
+        while run.step < run.total_steps:
+            last_loss, lr, grad_norm, tokens, supervised = step(run, next(stream))
+            meter.add(tokens, supervised)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.3f}")
+            end = run.step == run.total_steps
+            if run.step % t.logging_steps == 0 or end:
+                size = run.epoch_sizes[min(run.epoch, len(run.epoch_sizes) - 1)]
+                row = {"step": run.step, "epoch": round(run.epoch + run.index / max(1, size), 3),
+                       "loss": last_loss, "learning_rate": lr, **meter.window()}
+                tracker.log(row if grad_norm is None else {**row, "grad_norm": float(grad_norm)})  # None: missing
+            with meter.paused():  # evaluation and saving are not training time
+                if run.val and (run.step % t.eval_steps == 0 or end):
+                    last_eval = evaluate_loss(run, run.val)
+                    tracker.log({"step": run.step, "eval_loss": last_eval})
+                if run.step % t.save_steps == 0 or stop.requested:
+                    save_state(run)
+            if stop.requested:
+                raise TrainingError(f"interrupted at step {run.step}; checkpoint saved. Resume with: "
+                                    f"training.resume=true output.dir={cfg.output.dir}")
+    finally:
+        stop.restore()
+        bar.close()
+        tracker.close()
+    return finish(run, meter, last_loss, last_eval)
 
-    supervised_logits (training.supervised_logits): apply the output layer only at
-    the trained positions (models.answer_logits); the same loss, with less time and
-    memory, since 80% of our tokens are prompt.
+
+def step(run: Run, micro: list) -> tuple[float, float, torch.Tensor | None, int, int]:
+    """One optimizer step over `micro`, its micro-batches ((epoch, index, samples) each): returns
+    (loss, learning rate, grad norm, tokens, supervised tokens), the counts over all processes.
+
+    Gradients accumulate over the micro-batches (DDP syncs on the last only). Each summed loss is
+    divided by the supervised tokens of the whole step, so the step minimises the mean loss per
+    answer token however the tokens fall into micro-batches and processes.
     """
-    logits, targets = answer_logits(model, batch, supervised_logits)
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
+    acc, cfg = run.acc, run.cfg
+    batches = [collate(run, mine) for _, _, mine in micro]
+    n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    n_step = int(acc.reduce(torch.tensor(n_local, device=acc.device), reduction="sum"))
+    loss_total = torch.zeros((), device=acc.device)
+    for k, (batch, (_, _, mine)) in enumerate(zip(batches, micro)):
+        sync = k == len(batches) - 1
+        with (nullcontext() if sync else acc.no_sync(run.model)), acc.autocast():
+            if run.distiller:
+                loss_sum, _ = run.distiller.loss(run.model, batch, mine)
+            else:
+                loss_sum, _ = compute_loss(run.model, batch, cfg.training.supervised_logits)
+        # DDP averages gradients over processes: multiply back so the result is
+        # the mean over all supervised tokens of the step.
+        acc.backward(loss_sum * acc.num_processes / max(n_step, 1))
+        loss_total += loss_sum.detach()
+    loss = float(acc.reduce(loss_total, reduction="sum")) / max(n_step, 1)
+    if not math.isfinite(loss):
+        raise TrainingError(f"loss is {loss} at step {run.step + 1}: lower training.learning_rate "
+                            f"(now {cfg.training.learning_rate}) or check the data; last good checkpoint: "
+                            f"{list_checkpoints(run.output_dir / 'checkpoints')[-1:] or 'none'}")
+    max_norm = cfg.training.max_grad_norm or float("inf")
+    grad_norm = acc.clip_grad_norm_(run.params, max_norm)  # None under DeepSpeed when the engine has none
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    if run.step in run.growth:
+        grow_lora(acc.unwrap_model(run.model), raw_optimizer(run.optimizer), run.growth[run.step])
+        run.params = [p for p in run.model.parameters() if p.requires_grad]
+        acc.print(f"\n[train] step {run.step}: LoRA rank grown to r={run.growth[run.step]}")
+    run.epoch, run.index = micro[-1][0], micro[-1][1] + 1
+    tokens = sum(real_tokens(run, mine) for _, _, mine in micro)
+    tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum"))
+    return loss, lr, grad_norm, tokens, n_step
 
 
-def batch_stream(run: Run, start_epoch: int, start_index: int):
-    """Yield (epoch, index, samples for this process) from a position onwards, forever."""
-    cfg, world, rank = run.cfg, run.acc.num_processes, run.acc.process_index
-    lengths = [len(s["input_ids"]) for s in run.train]
-    epoch, index = start_epoch, start_index
-    while True:
-        global_batches = epoch_batches(lengths, cfg.training.batch_size * world, cfg.training.seed, epoch,
-                                       cfg.training.group_by_length or cfg.training.packing)
-        if cfg.training.packing:  # pack rows of max_length, then batch rows
-            order = [i for b in global_batches for i in b]
-            rows = pack_samples(run.train, order, cfg.data.max_length)
-            global_batches = [rows[s:s + cfg.training.batch_size * world]
-                              for s in range(0, len(rows), cfg.training.batch_size * world)]
-        for index in range(index, len(global_batches)):
-            # A last batch smaller than the number of processes would leave one of
-            # them without work (and DDP waiting for it forever): skip it on all.
-            if len(global_batches[index]) >= world:
-                yield epoch, index, global_batches[index][rank::world]
-        epoch, index = epoch + 1, 0
+class Meter:
+    """Throughput in tokens and supervised (answer) tokens per second, over each logging window
+    and over the whole run. Evaluation and saving are not training: their time is left out."""
+
+    def __init__(self, start_step: int):
+        self.start_step = start_step  # a resumed run times only its own steps
+        self.started = self.window_start = time.perf_counter()
+        self.tokens = self.supervised = self.window_tokens = self.window_supervised = 0
+        self.paused_seconds = 0.0
+
+    def add(self, tokens: int, supervised: int) -> None:
+        self.tokens, self.supervised = self.tokens + tokens, self.supervised + supervised
+        self.window_tokens, self.window_supervised = self.window_tokens + tokens, self.window_supervised + supervised
+
+    def window(self) -> dict:
+        """The rates since the last call; a new window starts."""
+        elapsed = time.perf_counter() - self.window_start
+        rates = {"tokens_per_s": self.window_tokens / elapsed,
+                 "supervised_tokens_per_s": self.window_supervised / elapsed}
+        self.window_start, self.window_tokens, self.window_supervised = time.perf_counter(), 0, 0
+        return rates
+
+    @contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self.paused_seconds += seconds
+        self.window_start += seconds
+
+    def summary(self, steps_done: int) -> dict:
+        wall = time.perf_counter() - self.started
+        seconds = wall - self.paused_seconds
+        return {"wall_seconds": wall, "eval_and_save_seconds": self.paused_seconds,
+                "seconds_per_step": seconds / max(1, steps_done - self.start_step),
+                "tokens_per_s": self.tokens / seconds, "supervised_tokens_per_s": self.supervised / seconds}
 
 
-def step_windows(run: Run, start_epoch: int, start_index: int):
-    """Yield the micro-batches of each optimizer step: gradient_accumulation_steps of them, fewer
-    in the last step of an epoch. A step never spans two epochs (as in HF Trainer), so an epoch
-    of 10 batches at accumulation 4 is 3 steps of 4, 4 and 2, and 3 epochs train 30 batches, not 36."""
-    window = []
-    for micro in batch_stream(run, start_epoch, start_index):
-        if window and micro[0] != window[0][0]:
-            yield window
-            window = []
-        window.append(micro)
-        if len(window) == run.cfg.training.gradient_accumulation_steps:
-            yield window
-            window = []
+def build_run(cfg: Config) -> Run:
+    """Everything before the first step: processes, the model with LoRA, data, optimizer and schedule,
+    the checkpoint to resume from and the distillation teacher. What can be refused is refused first."""
+    output_dir = Path(cfg.output.dir)
+    check_report_to(cfg.training.report_to)  # a missing wandb is told now, not after the model loads
+    acc = make_accelerator(cfg)
+    settings = batch_stream_settings(cfg, acc.num_processes)
+    resume_from = resume_point(cfg, output_dir, settings)
+    if acc.is_main_process:
+        check_output_dir(cfg, output_dir, resuming=resume_from is not None)
+    acc.wait_for_everyone()
+    torch.manual_seed(cfg.training.seed)
+    model, tokenizer = load_for_training(cfg, acc)
+    trainable_n, total_n = count_parameters(model)
+    train_set, dropped = load_split(cfg.data.train_file, tokenizer, cfg)
+    val_set, _ = load_split(cfg.data.val_file, tokenizer, cfg) if Path(cfg.data.val_file).is_file() else ([], 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
+    model, optimizer = acc.prepare(model, optimizer)
+    run = Run(cfg, acc, model, optimizer, None, train_set, tokenizer.pad_token_id, settings, tokenizer=tokenizer,
+              val=val_set, output_dir=output_dir, params=params, total_params=total_n)
+    run.epoch_sizes, run.total_steps = count_steps(run)
+    run.scheduler = make_scheduler(optimizer, cfg, run.total_steps)
+    run.growth = dict(parse_schedule(cfg.training.progressive, cfg.lora.r)) if cfg.training.progressive else {}
+    if run.growth and acc.num_processes > 1:  # method and backend are checked when the config loads
+        raise ConfigError(f"training.progressive: needs one process (this run has {acc.num_processes}): growing "
+                          "r replaces the LoRA weights that DDP has registered")
+    if resume_from is not None:
+        run.step, run.epoch, run.index = resume(run, resume_from, run.growth)
+        run.params = [p for p in model.parameters() if p.requires_grad]  # growth replaced some
+        run.resumed = True
+        acc.print(f"[train] resumed from {resume_from} at step {run.step}")
+    if cfg.training.distill_teacher:
+        run.distiller = make_distiller(run)
+    describe(run, trainable_n, dropped)
+    if acc.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+    return run
 
 
-def batches_per_epoch(run: Run, epoch: int) -> int:
-    """Micro-batches this process runs in an epoch (with packing, epochs can differ by a row)."""
-    return sum(1 for _ in itertools.takewhile(lambda m: m[0] == epoch, batch_stream(run, epoch, 0)))
-
-
-def count_steps(run: Run) -> tuple[list[int], int]:
-    """Micro-batches of each epoch, and the optimizer steps of the run: training.max_steps, else
-    exactly training.num_epochs epochs of ceil(batches / accumulation) steps each (as HF counts;
-    a fraction of the last epoch rounded up)."""
-    t = run.cfg.training
-    sizes = [batches_per_epoch(run, e) for e in range(1 if t.max_steps > 0 else math.ceil(t.num_epochs))]
-    if t.max_steps > 0:
-        return sizes, t.max_steps
-    steps = [math.ceil(n / t.gradient_accumulation_steps) for n in sizes]
-    whole = int(t.num_epochs)
-    return sizes, sum(steps[:whole]) + math.ceil((t.num_epochs - whole) * steps[-1])
+def load_for_training(cfg: Config, acc):
+    """(model with LoRA applied, or all weights trainable for full fine-tuning; tokenizer)."""
+    if acc.is_main_process:
+        resolve_model_path(cfg.model.name)  # converts the embedded model once, before others read it
+    acc.wait_for_everyone()
+    # Full fine-tuning trains every weight, and trainable weights are fp32 (adapter.upcast_trainable):
+    # load them in fp32 rather than round an fp32 checkpoint to bf16 and back.
+    full_fp32 = cfg.training.method == "full" and cfg.model.dtype == "auto"
+    model, tokenizer = load_model(replace(cfg.model, dtype="float32") if full_fp32 else cfg.model, acc.device)
+    if cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return apply_lora(model, cfg), tokenizer
 
 
 def make_scheduler(optimizer, cfg: Config, total_steps: int):
@@ -124,36 +238,32 @@ def make_scheduler(optimizer, cfg: Config, total_steps: int):
                                            total_steps)
 
 
-def collate(run: Run, mine) -> dict:
-    if run.cfg.training.packing:
-        batch = collate_packed([[run.train[i] for i in row] for row in mine], run.pad_id)
-    else:
-        batch = collate_padded([run.train[i] for i in mine], run.pad_id)
-    return {k: v.to(run.acc.device) for k, v in batch.items()}
+def make_distiller(run: Run) -> Distiller:
+    """The teacher's cache covers exactly the rows the remaining steps will draw."""
+    stream = step_windows(run, run.epoch, run.index)
+    needed = {i for _ in range(run.total_steps - run.step) for _, _, mine in next(stream) for i in mine}
+    name = f"teacher_top{run.cfg.training.distill_top_k}"
+    if run.acc.num_processes > 1:  # each process draws its own rows
+        name += f".rank{run.acc.process_index}"
+    return Distiller(run.cfg, run.tokenizer, run.acc.device, run.train, run.output_dir / f"{name}.safetensors",
+                     needed)
 
 
-def real_tokens(run: Run, mine) -> int:
-    """Tokens of the samples in a batch: never the padding (a packed row's tail included)."""
-    ids = [i for row in mine for i in row] if run.cfg.training.packing else mine
-    return sum(len(run.train[i]["input_ids"]) for i in ids)
-
-
-@torch.no_grad()
-def evaluate_loss(run: Run, samples: list[dict]) -> float:
-    """Mean cross-entropy per supervised token over a split (sharded across processes)."""
-    model = run.acc.unwrap_model(run.model)
-    model.eval()
-    total = torch.zeros(2, device=run.acc.device)
-    mine = samples[run.acc.process_index::run.acc.num_processes]
-    for s in range(0, len(mine), run.cfg.training.batch_size):
-        batch = collate_padded(mine[s:s + run.cfg.training.batch_size], run.pad_id)
-        with run.acc.autocast():
-            loss_sum, n = compute_loss(model, {k: v.to(run.acc.device) for k, v in batch.items()},
-                                   run.cfg.training.supervised_logits)
-        total += torch.tensor([loss_sum.item(), n], device=run.acc.device)
-    total = run.acc.reduce(total, reduction="sum")
-    model.train()
-    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+def describe(run: Run, trainable_n: int, dropped: int) -> None:
+    """Print what is about to train, and how long it should take."""
+    cfg, acc, total_n = run.cfg, run.acc, run.total_params
+    tokens_total = sum(len(s["input_ids"]) for s in run.train)
+    tokens_sup = sum(sum(label != IGNORE_INDEX for label in s["labels"]) for s in run.train)
+    eta = estimate_seconds(run, run.total_steps - run.step)
+    steps_per_epoch = math.ceil(run.epoch_sizes[0] / cfg.training.gradient_accumulation_steps)
+    acc.print(f"[train] method={cfg.training.method} model={cfg.model.name} device={acc.device} "
+              f"processes={acc.num_processes} mixed_precision={acc.mixed_precision}")
+    acc.print(f"[train] trainable params: {trainable_n:,} / {total_n:,} ({100 * trainable_n / total_n:.4f}%)")
+    acc.print(f"[train] data: {len(run.train)} train samples ({dropped} dropped: prompt > max_length), "
+              f"{tokens_total:,} tokens, {tokens_sup:,} supervised; {len(run.val)} val samples")
+    acc.print(f"[train] steps: {run.total_steps} ({steps_per_epoch}/epoch, batch {cfg.training.batch_size} x "
+              f"{acc.num_processes} processes x {cfg.training.gradient_accumulation_steps} accumulation), "
+              f"estimated time {eta / 60:.1f} min")
 
 
 def estimate_seconds(run: Run, steps: int) -> float:
@@ -179,14 +289,22 @@ def estimate_seconds(run: Run, steps: int) -> float:
     return seconds * (3 if deepspeed else 1) * steps * run.cfg.training.gradient_accumulation_steps
 
 
-def make_distiller(run: Run, tokenizer, output_dir: Path, steps_left: int, epoch: int, index: int) -> Distiller:
-    """The teacher's cache covers exactly the rows the remaining steps will draw."""
-    stream = step_windows(run, epoch, index)
-    needed = {i for _ in range(steps_left) for _, _, mine in next(stream) for i in mine}
-    name = f"teacher_top{run.cfg.training.distill_top_k}"
-    if run.acc.num_processes > 1:  # each process draws its own rows
-        name += f".rank{run.acc.process_index}"
-    return Distiller(run.cfg, tokenizer, run.acc.device, run.train, output_dir / f"{name}.safetensors", needed)
+@torch.no_grad()
+def evaluate_loss(run: Run, samples: list[dict]) -> float:
+    """Mean cross-entropy per supervised token over a split (sharded across processes)."""
+    model = run.acc.unwrap_model(run.model)
+    model.eval()
+    total = torch.zeros(2, device=run.acc.device)
+    mine = samples[run.acc.process_index::run.acc.num_processes]
+    for s in range(0, len(mine), run.cfg.training.batch_size):
+        batch = collate_padded(mine[s:s + run.cfg.training.batch_size], run.pad_id)
+        with run.acc.autocast():
+            loss_sum, n = compute_loss(model, {k: v.to(run.acc.device) for k, v in batch.items()},
+                                       run.cfg.training.supervised_logits)
+        total += torch.tensor([loss_sum.item(), n], device=run.acc.device)
+    total = run.acc.reduce(total, reduction="sum")
+    model.train()
+    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
 class StopFlag:
@@ -207,199 +325,57 @@ class StopFlag:
             signal.signal(s, handler)
 
 
-def train(cfg: Config) -> dict:
-    """Run a whole training; returns the summary also written to train_summary.json."""
-    output_dir = Path(cfg.output.dir)
-    check_report_to(cfg.training.report_to)  # a missing wandb is told now, not after the model loads
-    acc = make_accelerator(cfg)
-    settings = batch_stream_settings(cfg, acc.num_processes)
-    resume_from = resume_point(cfg, output_dir, settings)
-    if acc.is_main_process:
-        check_output_dir(cfg, output_dir, resuming=resume_from is not None)
-    acc.wait_for_everyone()
-    torch.manual_seed(cfg.training.seed)
-    if acc.is_main_process:
-        resolve_model_path(cfg.model.name)  # converts the embedded model once, before others read it
-    acc.wait_for_everyone()
-    # Full fine-tuning trains every weight, and trainable weights are fp32 (adapter.upcast_trainable):
-    # load them in fp32 rather than round an fp32 checkpoint to bf16 and back.
-    full_fp32 = cfg.training.method == "full" and cfg.model.dtype == "auto"
-    model, tokenizer = load_model(replace(cfg.model, dtype="float32") if full_fp32 else cfg.model, acc.device)
-    if cfg.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_lora(model, cfg)
-    trainable_n, total_n = count_parameters(model)
-    train_set, dropped = load_split(cfg.data.train_file, tokenizer, cfg)
-    val_set, _ = load_split(cfg.data.val_file, tokenizer, cfg) if Path(cfg.data.val_file).is_file() else ([], 0)
-
-    if cfg.training.distill_teacher and cfg.training.packing:
-        raise ConfigError("training.distill_teacher: distillation needs training.packing=false")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
-    model, optimizer = acc.prepare(model, optimizer)
-    run = Run(cfg, acc, model, optimizer, None, train_set, tokenizer.pad_token_id, settings)
-    epoch_sizes, total_steps = count_steps(run)
-    steps_per_epoch = math.ceil(epoch_sizes[0] / cfg.training.gradient_accumulation_steps)
-    run.scheduler = make_scheduler(optimizer, cfg, total_steps)
-
-    growth = dict(parse_schedule(cfg.training.progressive, cfg.lora.r)) if cfg.training.progressive else {}
-    if growth and (acc.num_processes > 1 or cfg.training.method != "lora" or cfg.lora.backend != "peft"):
-        raise ConfigError("training.progressive: needs one process, training.method=lora and lora.backend=peft")
-    step, epoch, index = 0, 0, 0
-    if resume_from is not None:
-        step, epoch, index = resume(run, resume_from, growth)
-        params = [p for p in model.parameters() if p.requires_grad]  # growth replaced some
-        acc.print(f"[train] resumed from {resume_from} at step {step}")
-
-    distiller = None
-    if cfg.training.distill_teacher:
-        distiller = make_distiller(run, tokenizer, output_dir, total_steps - step, epoch, index)
-
-    tokens_total = sum(len(s["input_ids"]) for s in train_set)
-    tokens_sup = sum(sum(l != IGNORE_INDEX for l in s["labels"]) for s in train_set)
-    eta = estimate_seconds(run, total_steps - step)
-    acc.print(f"[train] method={cfg.training.method} model={cfg.model.name} device={acc.device} "
-              f"processes={acc.num_processes} mixed_precision={acc.mixed_precision}")
-    acc.print(f"[train] trainable params: {trainable_n:,} / {total_n:,} ({100 * trainable_n / total_n:.4f}%)")
-    acc.print(f"[train] data: {len(train_set)} train samples ({dropped} dropped: prompt > max_length), "
-              f"{tokens_total:,} tokens, {tokens_sup:,} supervised; {len(val_set)} val samples")
-    acc.print(f"[train] steps: {total_steps} ({steps_per_epoch}/epoch, batch {cfg.training.batch_size} x "
-              f"{acc.num_processes} processes x {cfg.training.gradient_accumulation_steps} accumulation), "
-              f"estimated time {eta / 60:.1f} min")
-
-    if acc.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
-    tracker = Tracker(output_dir, cfg.training.report_to, cfg.to_dict(),
-                      step if resume_from is not None else None, acc.is_main_process)
-    stream = step_windows(run, epoch, index)
-    stop = StopFlag()
-    model.train()
-    started, window_start = time.perf_counter(), time.perf_counter()
-    seen_tokens = seen_sup = window_tokens = window_sup = 0
-    other_seconds = 0.0
-    last_loss = last_eval = float("nan")
-    start_step = step
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not acc.is_main_process)
-    try:
-        while step < total_steps:
-            micro = next(stream)
-            batches = [collate(run, mine) for _, _, mine in micro]
-            sample_ids = [mine for _, _, mine in micro]
-            n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-            n_step = int(acc.reduce(torch.tensor(n_local, device=acc.device), reduction="sum"))
-            loss_total = torch.zeros((), device=acc.device)
-            for k, batch in enumerate(batches):
-                sync = k == len(batches) - 1
-                with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
-                    if distiller:
-                        loss_sum, _ = distiller.loss(model, batch, sample_ids[k])
-                    else:
-                        loss_sum, _ = compute_loss(model, batch, cfg.training.supervised_logits)
-                # DDP averages gradients over processes: multiply back so the result is
-                # the mean over all supervised tokens of the step.
-                acc.backward(loss_sum * acc.num_processes / max(n_step, 1))
-                loss_total += loss_sum.detach()
-            loss = float(acc.reduce(loss_total, reduction="sum")) / max(n_step, 1)
-            if not math.isfinite(loss):
-                raise TrainingError(f"loss is {loss} at step {step + 1}: lower training.learning_rate "
-                                    f"(now {cfg.training.learning_rate}) or check the data; last good "
-                                    f"checkpoint: {list_checkpoints(output_dir / 'checkpoints')[-1:] or 'none'}")
-            max_norm = cfg.training.max_grad_norm or float("inf")
-            grad_norm = acc.clip_grad_norm_(params, max_norm)  # None under DeepSpeed when the engine has none
-            lr = run.scheduler.get_last_lr()[0]
-            optimizer.step()
-            run.scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            last_loss = loss
-            if step in growth:
-                grow_lora(acc.unwrap_model(model), raw_optimizer(optimizer), growth[step])
-                params = [p for p in model.parameters() if p.requires_grad]
-                acc.print(f"\n[train] step {step}: LoRA rank grown to r={growth[step]}")
-            epoch, index = micro[-1][0], micro[-1][1] + 1
-            tokens = sum(real_tokens(run, mine) for mine in sample_ids)
-            tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum"))
-            seen_tokens, seen_sup = seen_tokens + tokens, seen_sup + n_step
-            window_tokens, window_sup = window_tokens + tokens, window_sup + n_step
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if step % cfg.training.logging_steps == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                size = epoch_sizes[min(epoch, len(epoch_sizes) - 1)]
-                row = {"step": step, "epoch": round(epoch + index / max(1, size), 3), "loss": loss,
-                       "learning_rate": lr, "tokens_per_s": window_tokens / elapsed,
-                       "supervised_tokens_per_s": window_sup / elapsed}
-                tracker.log(row if grad_norm is None else {**row, "grad_norm": float(grad_norm)})  # None: missing
-                window_start, window_tokens, window_sup = time.perf_counter(), 0, 0
-            paused = time.perf_counter()  # evaluation and saving are not training time
-            if val_set and (step % cfg.training.eval_steps == 0 or step == total_steps):
-                last_eval = evaluate_loss(run, val_set)
-                tracker.log({"step": step, "eval_loss": last_eval})
-            if step % cfg.training.save_steps == 0 or stop.requested:
-                save_state(run, output_dir, step, epoch, index)
-            paused = time.perf_counter() - paused
-            other_seconds += paused
-            window_start += paused
-            if stop.requested:
-                raise TrainingError(f"interrupted at step {step}; checkpoint saved. Resume with: "
-                                    f"training.resume=true output.dir={cfg.output.dir}")
-    finally:
-        stop.restore()
-        bar.close()
-        tracker.close()
-    wall = time.perf_counter() - started
-    train_seconds = wall - other_seconds
-    acc.wait_for_everyone()
-    trainable_n = count_parameters(model)[0]  # progressive growth changes it
-    return finish(run, tokenizer, output_dir, {
-        "method": cfg.training.method, "model": cfg.model.name, "trainable_params": trainable_n,
-        "total_params": total_n, "trainable_percent": 100 * trainable_n / total_n, "steps": step,
-        "train_samples": len(train_set), "processes": acc.num_processes, "final_loss": last_loss,
-        "final_eval_loss": last_eval, "wall_seconds": wall, "eval_and_save_seconds": other_seconds,
-        "seconds_per_step": train_seconds / max(1, step - start_step),
-        "tokens_per_s": seen_tokens / train_seconds, "supervised_tokens_per_s": seen_sup / train_seconds,
-        "mixed_precision": acc.mixed_precision, "device": str(acc.device)})
-
-
-def save_state(run: Run, output_dir: Path, step: int, epoch: int, next_index: int) -> None:
+def save_state(run: Run) -> None:
     rng_states = gather_object([rng_state()])  # one per process, by rank: each drew its own dropout masks
     if run.acc.is_main_process:
-        save_checkpoint(output_dir / "checkpoints" / f"checkpoint-{step}",
+        save_checkpoint(run.output_dir / "checkpoints" / f"checkpoint-{run.step}",
                         trainable_state(run.acc.unwrap_model(run.model)), raw_optimizer(run.optimizer),
-                        run.scheduler, {"step": step, "epoch": epoch, "next_index": next_index,
+                        run.scheduler, {"step": run.step, "epoch": run.epoch, "next_index": run.index,
                                         "batch_stream": run.stream_settings}, rng_states)
     run.acc.wait_for_everyone()
 
 
-def finish(run: Run, tokenizer, output_dir: Path, summary: dict) -> dict:
-    """Save the adapter / model, print and write the summary."""
-    acc = run.acc
+def finish(run: Run, meter: Meter, last_loss: float, last_eval: float) -> dict:
+    """After the last step: save the adapter / model, print and write the summary."""
+    acc, cfg = run.acc, run.cfg
+    timing = meter.summary(run.step)
+    acc.wait_for_everyone()
+    trainable_n = count_parameters(run.model)[0]  # progressive growth changes it
+    summary = {"method": cfg.training.method, "model": cfg.model.name, "trainable_params": trainable_n,
+               "total_params": run.total_params, "trainable_percent": 100 * trainable_n / run.total_params,
+               "steps": run.step, "train_samples": len(run.train), "processes": acc.num_processes,
+               "final_loss": last_loss, "final_eval_loss": last_eval, **timing,
+               "mixed_precision": acc.mixed_precision, "device": str(acc.device)}
     # One fingerprint per process: data-parallel replicas must end bit-identical.
     digest = hashlib.sha256()
     for name, tensor in sorted(trainable_state(acc.unwrap_model(run.model)).items()):
         digest.update(name.encode() + tensor.float().cpu().numpy().tobytes())
     summary["replica_fingerprints"] = gather_object([digest.hexdigest()[:16]])
     if acc.is_main_process:
-        model = acc.unwrap_model(run.model)
-        saved = save_trained(model, tokenizer, run.cfg, resolve_model_path(run.cfg.model.name), output_dir)
-        weights = [p for p in saved if p.suffix == ".safetensors"]
-        summary["adapter_size_mb" if run.cfg.training.method == "lora" else "model_size_mb"] = round(
-            sum(p.stat().st_size for p in weights) / 2**20, 3)
-        if acc.device.type == "cuda":
-            summary["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            summary["peak_memory_kind"] = "cuda max_memory_allocated"
-        else:
-            summary["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-            summary["peak_memory_kind"] = "process peak RSS"
-        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-        print(f"[train] done in {summary['wall_seconds']:.1f} s ({summary['eval_and_save_seconds']:.1f} s of it "
-              f"evaluating and saving), {summary['seconds_per_step']:.2f} s/step, "
-              f"{summary['supervised_tokens_per_s']:.0f} supervised tokens/s "
-              f"({summary['tokens_per_s']:.0f} total), peak memory {summary['peak_memory_mb']:.0f} MB "
-              f"({summary['peak_memory_kind']})")
-        size_key = "adapter_size_mb" if "adapter_size_mb" in summary else "model_size_mb"
-        print(f"[train] final loss {summary['final_loss']:.4f}, eval loss {summary['final_eval_loss']:.4f}; "
-              f"{size_key.replace('_mb', '')} {summary[size_key]} MB -> {output_dir}/")
+        save_result(run, summary)
     acc.wait_for_everyone()
     return summary
+
+
+def save_result(run: Run, summary: dict) -> None:
+    """The trained adapter or model, train_summary.json with its size and peak memory, and the last words."""
+    output_dir = run.output_dir
+    model = run.acc.unwrap_model(run.model)
+    saved = save_trained(model, run.tokenizer, run.cfg, resolve_model_path(run.cfg.model.name), output_dir)
+    weights = [p for p in saved if p.suffix == ".safetensors"]
+    size_key = "adapter_size_mb" if run.cfg.training.method == "lora" else "model_size_mb"
+    summary[size_key] = round(sum(p.stat().st_size for p in weights) / 2**20, 3)
+    if run.acc.device.type == "cuda":
+        summary["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        summary["peak_memory_kind"] = "cuda max_memory_allocated"
+    else:
+        summary["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        summary["peak_memory_kind"] = "process peak RSS"
+    write_json(output_dir / "train_summary.json", summary)
+    print(f"[train] done in {summary['wall_seconds']:.1f} s ({summary['eval_and_save_seconds']:.1f} s of it "
+          f"evaluating and saving), {summary['seconds_per_step']:.2f} s/step, "
+          f"{summary['supervised_tokens_per_s']:.0f} supervised tokens/s "
+          f"({summary['tokens_per_s']:.0f} total), peak memory {summary['peak_memory_mb']:.0f} MB "
+          f"({summary['peak_memory_kind']})")
+    print(f"[train] final loss {summary['final_loss']:.4f}, eval loss {summary['final_eval_loss']:.4f}; "
+          f"{size_key.replace('_mb', '')} {summary[size_key]} MB -> {output_dir}/")

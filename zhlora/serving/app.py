@@ -1,4 +1,4 @@
-"""The HTTP side of `zhlora serve` (server.py): OpenAI-shaped routes, request schema, errors.
+"""The HTTP side of `zhlora serve` (zhlora/server.py): OpenAI-shaped routes and the chat page.
 
     POST /v1/chat/completions   {"model", "messages", "max_tokens", "temperature", "top_p", "stop",
                                  "seed", "stream"}: one answer, whole or as SSE chunks
@@ -13,32 +13,34 @@ missing or wrong API key, 404 for an unknown model or route, 411 for a chunked b
 size is unknown until read; OpenAI clients send Content-Length), 413 when Content-Length
 is over 12 x --max_input_chars + 4 MiB, 500 if generation itself fails (in a stream, where
 the status is already sent: an error event, then [DONE]). Streams end with `data: [DONE]`;
-with stream_options.include_usage a last chunk carries `usage`. Unknown request fields
-(frequency_penalty, user, ...) are ignored, as most OpenAI-compatible servers do; n must be 1.
-Requiring JSON also keeps web pages on other sites from posting to a local server: a
-browser asks first (CORS preflight) before sending that type, and no CORS is allowed here.
+with stream_options.include_usage a last chunk carries `usage`. Requiring JSON also keeps
+web pages on other sites from posting to a local server: a browser asks first (CORS
+preflight) before sending that type, and no CORS is allowed here.
+
+The request schema and the error shape are in serving/schema.py; the model and its worker
+thread in serving/engine.py.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from zhlora.formatting import encode_prompt
-from zhlora.server import DONE, Engine, Job
+from zhlora.serving.engine import DONE, Engine, Job
+from zhlora.serving.schema import APIError, ChatRequest, validation_error
 
-WEB_DIR = Path(__file__).parent / "web"
+WEB_DIR = Path(__file__).parent.parent / "web"  # zhlora/web/
 DEFAULT_MAX_TOKENS = 256  # as the demo; capped by --max_tokens_limit and the model's context
 # The page loads only its own files: nothing is fetched from anywhere else.
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'"
@@ -54,90 +56,6 @@ class Limits:
         # A character is at most 12 bytes of JSON (an escaped surrogate pair); the 4 MiB of slack lets
         # a too-long message (1 MB, say) reach the clearer 400 "too many characters" below.
         return 12 * self.max_input_chars + 4 * 2**20
-
-
-# ---- request schema ------------------------------------------------------------------
-# strict: "5" is not 5 and 1.0 is not a bool; a wrong type is the client's bug, not a guess for us.
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class Message(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]  # OpenAI clients may send [{"type": "text", "text": ...}]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class ChatRequest(_Strict):
-    model: str = "default"
-    messages: Annotated[list[Message], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # the newer name for max_tokens
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None  # 0 = greedy
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = None
-    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
-    n: Literal[1] = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-
-_FIELDS = {name for schema in (ChatRequest, Message, TextPart, StreamOptions) for name in schema.model_fields}
-
-
-class APIError(Exception):
-    """A refusal the client can act on, rendered in OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-def _param(loc) -> str | None:
-    """("body", "messages", 0, "content", "str") -> "messages[0].content", as OpenAI names a field.
-
-    Pydantic adds the tried member of a union ("str", "list[TextPart]") to the path: dropped.
-    """
-    out = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in _FIELDS:
-            out += f".{part}" if out else part
-    return out or None
-
-
-def _validation_error(errors) -> APIError:
-    # A union (stop: str | list) reports one error per member; a value error ("too long") says more
-    # than "not a string", so it wins.
-    first = next((e for e in errors if not e["type"].endswith("_type")), errors[0])
-    if first["type"] == "json_invalid":
-        reason = first.get("ctx", {}).get("error", "")
-        return APIError(400, f"We could not parse the JSON body of your request: {reason}".rstrip(": "),
-                        code="invalid_json")
-    param = _param(first["loc"])
-    others = len({_param(e["loc"]) for e in errors} - {param})
-    more = f" (and {others} more problems)" if others else ""
-    code = "invalid_type" if first["type"].endswith(("_type", "_parsing", "literal_error")) else "invalid_value"
-    return APIError(400, f"{param or 'body'}: {first['msg']}{more}", param, code)
 
 
 class Guard:
@@ -264,11 +182,51 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
         await asyncio.sleep(0.2)
 
 
-def build_app(engine: Engine, limits: Limits | None = None, api_key: str | None = None) -> FastAPI:
-    limits = limits or Limits()
-    app = FastAPI(title="zhlora serve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
-    created = int(time.time())
+class _Answer:
+    """One chat completion on its way: its OpenAI id, then the whole answer or its server-sent events."""
+
+    def __init__(self, engine: Engine, job: Job, queue: asyncio.Queue, body: ChatRequest):
+        self.engine, self.job, self.queue, self.body = engine, job, queue, body
+        self.stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        self.head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": body.model}
+
+    def usage(self) -> dict:
+        prompt, completion = len(self.job.prompt), self.job.completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    async def whole(self, request: Request) -> dict:
+        watcher = asyncio.create_task(_watch_disconnect(request, self.job))
+        try:
+            text = "".join([piece async for piece in _pieces(self.engine, self.job, self.queue, self.stops)])
+        finally:
+            watcher.cancel()
+        return {**self.head, "object": "chat.completion", "usage": self.usage(), "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": self.job.finish}]}
+
+    def _event(self, data: dict) -> str:  # one server-sent event
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    def _chunk(self, delta: dict, finish: str | None = None) -> str:
+        return self._event({**self.head, "object": "chat.completion.chunk",
+                            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    async def events(self):
+        # Starlette cancels this generator when the client disconnects: _pieces' finally cancels the job.
+        yield self._chunk({"role": "assistant", "content": ""})
+        try:
+            async for piece in _pieces(self.engine, self.job, self.queue, self.stops):
+                yield self._chunk({"content": piece})
+            yield self._chunk({}, self.job.finish)
+            if self.body.stream_options and self.body.stream_options.include_usage:
+                yield self._event({**self.head, "object": "chat.completion.chunk", "choices": [],
+                                   "usage": self.usage()})
+        except APIError as err:  # the status line is sent already: the error travels as an event
+            yield self._event(err.body())
+        yield "data: [DONE]\n\n"
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every refusal in OpenAI's error shape: ours (APIError), FastAPI's own (422, 404, 405) and crashes."""
 
     @app.exception_handler(APIError)
     async def api_error(request, err: APIError):
@@ -282,7 +240,7 @@ def build_app(engine: Engine, limits: Limits | None = None, api_key: str | None 
             # browser asking first (CORS), which keeps other sites from using a local server.
             return APIError(400, f"Send the body as JSON with `Content-Type: application/json` (got "
                             f"`{kind or 'none'}`).", code="invalid_content_type").response()
-        return _validation_error(err.errors()).response()
+        return validation_error(err.errors()).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request, err: HTTPException):
@@ -297,6 +255,15 @@ def build_app(engine: Engine, limits: Limits | None = None, api_key: str | None 
         return APIError(500, f"Internal error ({type(err).__name__}); the server's log has the details.",
                         kind="server_error").response()
 
+
+def build_app(engine: Engine, limits: Limits | None = None, api_key: str | None = None) -> FastAPI:
+    """The app serving `engine`: the routes above, behind the API key and body size checks (Guard)."""
+    limits = limits or Limits()
+    app = FastAPI(title="zhlora serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    _add_error_handlers(app)
+    created = int(time.time())
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "pending": engine.pending}
@@ -308,44 +275,10 @@ def build_app(engine: Engine, limits: Limits | None = None, api_key: str | None 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        job, queue = _job(engine, limits, body)
-        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": body.model}
-
-        def usage() -> dict:
-            return {"prompt_tokens": len(job.prompt), "completion_tokens": job.completion_tokens,
-                    "total_tokens": len(job.prompt) + job.completion_tokens}
-
+        answer = _Answer(engine, *_job(engine, limits, body), body)
         if not body.stream:
-            watcher = asyncio.create_task(_watch_disconnect(request, job))
-            try:
-                text = "".join([piece async for piece in _pieces(engine, job, queue, stops)])
-            finally:
-                watcher.cancel()
-            return {**head, "object": "chat.completion", "usage": usage(), "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": job.finish}]}
-
-        def event(data: dict) -> str:  # one server-sent event
-            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-        def chunk(delta: dict, finish: str | None = None) -> str:
-            return event({**head, "object": "chat.completion.chunk",
-                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-
-        async def events():
-            # Starlette cancels this generator when the client disconnects: _pieces' finally cancels the job.
-            yield chunk({"role": "assistant", "content": ""})
-            try:
-                async for piece in _pieces(engine, job, queue, stops):
-                    yield chunk({"content": piece})
-                yield chunk({}, job.finish)
-                if body.stream_options and body.stream_options.include_usage:
-                    yield event({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage()})
-            except APIError as err:  # the status line is sent already: the error travels as an event
-                yield event(err.body())
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream",
+            return await answer.whole(request)
+        return StreamingResponse(answer.events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.api_route("/", methods=["GET", "HEAD"])
@@ -355,3 +288,22 @@ def build_app(engine: Engine, limits: Limits | None = None, api_key: str | None 
 
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
     return app
+
+
+def start_in_thread(app, host: str = "127.0.0.1", port: int = 0):
+    """Serve `app` from a background thread (tests, notebooks); returns (uvicorn.Server, port).
+
+    Stop it with `server.should_exit = True`. port 0 picks a free port.
+    """
+    import socket
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.bind((host, port))  # bound here, so the port is known before the thread starts
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        threading.Event().wait(0.02)
+    return server, sock.getsockname()[1]

@@ -11,15 +11,22 @@ Three ways to batch encoded samples ({"input_ids", "labels"}):
     a sample never attends to its neighbours, and no padding is computed at all.
 
 The batch order of an epoch is a pure function of (seed, epoch): resume replays it
-and skips the batches already done.
+and skips the batches already done. step_windows cuts that stream into the micro-batches
+of each optimizer step, as the training loop draws them.
 """
 from __future__ import annotations
 
+import itertools
+import math
 import random
+from typing import TYPE_CHECKING
 
 import torch
 
 from zhlora.formatting import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from zhlora.training.setup import Run
 
 MEGABATCH = 50  # batches per chunk sorted by length: larger = less padding, less randomness
 
@@ -94,3 +101,72 @@ def collate_packed(rows: list[list[dict]], pad_token_id: int) -> dict:
             start += n
         positions[r, start:] = torch.arange(width - start)  # padding forms its own sequence
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def batch_stream(run: Run, start_epoch: int, start_index: int):
+    """Yield (epoch, index, samples for this process) from a position onwards, forever."""
+    cfg, world, rank = run.cfg, run.acc.num_processes, run.acc.process_index
+    lengths = [len(s["input_ids"]) for s in run.train]
+    epoch, index = start_epoch, start_index
+    while True:
+        global_batches = epoch_batches(lengths, cfg.training.batch_size * world, cfg.training.seed, epoch,
+                                       cfg.training.group_by_length or cfg.training.packing)
+        if cfg.training.packing:  # pack rows of max_length, then batch rows
+            order = [i for b in global_batches for i in b]
+            rows = pack_samples(run.train, order, cfg.data.max_length)
+            global_batches = [rows[s:s + cfg.training.batch_size * world]
+                              for s in range(0, len(rows), cfg.training.batch_size * world)]
+        for index in range(index, len(global_batches)):
+            # A last batch smaller than the number of processes would leave one of
+            # them without work (and DDP waiting for it forever): skip it on all.
+            if len(global_batches[index]) >= world:
+                yield epoch, index, global_batches[index][rank::world]
+        epoch, index = epoch + 1, 0
+
+
+def step_windows(run: Run, start_epoch: int, start_index: int):
+    """Yield the micro-batches of each optimizer step: gradient_accumulation_steps of them, fewer
+    in the last step of an epoch. A step never spans two epochs (as in HF Trainer), so an epoch
+    of 10 batches at accumulation 4 is 3 steps of 4, 4 and 2, and 3 epochs train 30 batches, not 36."""
+    window = []
+    for micro in batch_stream(run, start_epoch, start_index):
+        if window and micro[0] != window[0][0]:
+            yield window
+            window = []
+        window.append(micro)
+        if len(window) == run.cfg.training.gradient_accumulation_steps:
+            yield window
+            window = []
+
+
+def batches_per_epoch(run: Run, epoch: int) -> int:
+    """Micro-batches this process runs in an epoch (with packing, epochs can differ by a row)."""
+    return sum(1 for _ in itertools.takewhile(lambda m: m[0] == epoch, batch_stream(run, epoch, 0)))
+
+
+def count_steps(run: Run) -> tuple[list[int], int]:
+    """Micro-batches of each epoch, and the optimizer steps of the run: training.max_steps, else
+    exactly training.num_epochs epochs of ceil(batches / accumulation) steps each (as HF counts;
+    a fraction of the last epoch rounded up)."""
+    t = run.cfg.training
+    sizes = [batches_per_epoch(run, e) for e in range(1 if t.max_steps > 0 else math.ceil(t.num_epochs))]
+    if t.max_steps > 0:
+        return sizes, t.max_steps
+    steps = [math.ceil(n / t.gradient_accumulation_steps) for n in sizes]
+    whole = int(t.num_epochs)
+    return sizes, sum(steps[:whole]) + math.ceil((t.num_epochs - whole) * steps[-1])
+
+
+def collate(run: Run, mine) -> dict:
+    """The tensors of this process's part of a batch (sample indices, or packed rows of them), on its device."""
+    if run.cfg.training.packing:
+        batch = collate_packed([[run.train[i] for i in row] for row in mine], run.pad_id)
+    else:
+        batch = collate_padded([run.train[i] for i in mine], run.pad_id)
+    return {k: v.to(run.acc.device) for k, v in batch.items()}
+
+
+def real_tokens(run: Run, mine) -> int:
+    """Tokens of the samples in a batch: never the padding (a packed row's tail included)."""
+    ids = [i for row in mine for i in row] if run.cfg.training.packing else mine
+    return sum(len(run.train[i]["input_ids"]) for i in ids)

@@ -43,7 +43,7 @@ class Tracker:
             keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-        # train() ran check_report_to first, so these imports are known to work.
+        # train.build_run ran check_report_to first, so these imports are known to work.
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -2,13 +2,8 @@
 
     zhlora distill --config configs/distill.yaml [key=value ...]
 
-On the supervised (answer) tokens only:
-
-    loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T)
-
-where x_T = softmax(logits / T). A temperature T > 1 flattens both distributions so
-the student also learns which wrong answers the teacher finds nearly right; the T^2
-keeps that term's gradients on the same scale as the cross-entropy (Hinton et al. 2015).
+The loss (alpha * CE + (1 - alpha) * T^2 * KL on the answer tokens) is written in
+zhlora/loss.py with the cross-entropy; this module holds the teacher.
 
 The teacher is any model source or a run folder (a LoRA or full fine-tune); it must
 share the student's tokenizer and output layer size (lm_head rows), else token i means
@@ -33,50 +28,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from zhlora.batching import collate_padded
 from zhlora.config import Config, ConfigError
 from zhlora.formatting import IGNORE_INDEX
-from zhlora.models import answer_logits
+from zhlora.loss import answer_logits, coarse, distill_loss_rows
+from zhlora.training.batching import collate_padded
 
 CACHE_FORMAT = "2"  # 2: log_probs with the tail bucket; format 1 (top-k logits, no tail) is made again
-
-
-def distill_loss_sum(student_logits, teacher, labels, alpha: float, temperature: float):
-    """(summed loss over supervised tokens, their count) from whole-sequence logits [batch, length,
-    vocab]; teacher = its whole-sequence logits, or (log_probs, indices) at the n answer tokens."""
-    labels = labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    if not isinstance(teacher, tuple):
-        teacher = teacher[:, :-1][mask]
-    return distill_loss_rows(student_logits[:, :-1][mask], teacher, labels[mask], alpha, temperature)
-
-
-def distill_loss_rows(student, teacher, targets, alpha: float, temperature: float):
-    """The same from the answer positions only (what models.answer_logits returns): student
-    [n, vocab], teacher [n, vocab] or (log_probs [n, k + 1], indices [n, k]) (teacher_coarse),
-    targets [n]."""
-    student = student.float()
-    ce_sum = F.cross_entropy(student, targets, reduction="sum")
-    log_s = F.log_softmax(student / temperature, dim=-1)
-    if isinstance(teacher, tuple):  # cached top-k: both models over [top-k ids..., everything else]
-        log_t, indices = teacher
-        log_s = coarse(log_s, indices)
-    else:
-        log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    # 0 * log 0 = 0: a token the teacher gives probability 0 (a -inf logit, an empty tail) adds
-    # nothing, where the plain product would be 0 * -inf = NaN.
-    p_t = log_t.exp()
-    kl_sum = torch.where(p_t > 0, p_t * (log_t - log_s), 0.0).sum()
-    return alpha * ce_sum + (1 - alpha) * temperature ** 2 * kl_sum, int(targets.numel())
-
-
-def coarse(log_probs, indices):
-    """[n, vocab] log-probabilities -> [n, k + 1]: those of the k ids, then the log of the tail,
-    all the other tokens' mass, summed in log space (1 - sum(top-k) cancels in float32 once the
-    top-k hold nearly all the mass)."""
-    # finfo.min, not -inf: with k = vocab the tail is empty, and logsumexp over all -inf has NaN gradients.
-    tail = log_probs.scatter(-1, indices, torch.finfo(log_probs.dtype).min).logsumexp(-1, keepdim=True)
-    return torch.cat([log_probs.gather(-1, indices), tail], dim=-1)
 
 
 def teacher_coarse(logits, k: int, temperature: float):

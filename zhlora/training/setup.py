@@ -1,6 +1,7 @@
 """What training needs before its first step: processes and precision, the output
 folder's state (refuse to clobber a finished run, find the checkpoint to resume),
-and the encoded data. Kept apart from train.py so the loop stays one screen.
+and the encoded data; and `Run`, what the loop's parts share. zhlora/train.py's
+build_run calls these, so the loop itself stays one screen.
 """
 from __future__ import annotations
 
@@ -15,15 +16,16 @@ from pathlib import Path
 import torch
 
 from zhlora.adapter import trainable_state
-from zhlora.checkpoint import list_checkpoints, load_checkpoint
 from zhlora.config import Config, ConfigError, load_config
 from zhlora.formatting import encode_sample
-from zhlora.progressive import grow_lora
+from zhlora.tasks import selected
+from zhlora.training.checkpoint import list_checkpoints, load_checkpoint
+from zhlora.training.progressive import grow_lora
 
 
 @dataclass
 class Run:
-    """Everything the loop's helpers share."""
+    """Everything the loop and its helpers share: what train.build_run made, and where the run is."""
     cfg: Config
     acc: object  # accelerate.Accelerator
     model: torch.nn.Module
@@ -32,6 +34,19 @@ class Run:
     train: list[dict]
     pad_id: int
     stream_settings: dict = field(default_factory=dict)  # saved in each checkpoint: batch_stream_settings
+    tokenizer: object = None
+    val: list[dict] = field(default_factory=list)
+    output_dir: Path = Path("outputs")
+    params: list = field(default_factory=list)  # the trainable tensors clipped; progressive growth replaces some
+    total_params: int = 0
+    growth: dict = field(default_factory=dict)  # training.progressive: {after this step: new r}
+    distiller: object = None  # training/distill.py's Distiller when training.distill_teacher is set
+    epoch_sizes: list[int] = field(default_factory=list)  # micro-batches of each epoch (count_steps)
+    total_steps: int = 0
+    resumed: bool = False
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the next micro-batch's place in the batch stream: (epoch, index)
+    index: int = 0
 
 
 def make_accelerator(cfg: Config):
@@ -85,7 +100,7 @@ def load_split(path: str, tokenizer, cfg: Config) -> tuple[list[dict], int]:
         raise ConfigError(f"data: {path} does not exist; run `python data/prepare_data.py` first")
     rows = json.loads(file.read_text(encoding="utf-8"))
     if cfg.data.tasks:
-        rows = [r for r in rows if r.get("task") in cfg.data.tasks]
+        rows = [r for r in rows if selected(r, cfg.data.tasks)]
         if not rows:
             raise ConfigError(f"data.tasks={cfg.data.tasks}: no row of {path} has one of these tasks")
     encoded = [encode_sample(r, tokenizer, cfg.model.template, cfg.data.max_length, cfg.data.train_on_prompt)
