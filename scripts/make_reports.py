@@ -12,7 +12,7 @@ Two stages, handing over through files:
        runs/<experiment>/results.csv, results.md, *.png     -> data/experiments/<experiment>/
        runs/<experiment>/<point>/seed*/RUN_FILES            -> data/experiments/<experiment>/<point>/seed*/
        outputs/RUN_FILES, QUICK_START_EXTRA, outputs/*.png  -> data/outputs/
-       runs/default_run/RUN_FILES                           -> data/default_run/
+       runs/default_run/RUN_FILES, main_path_timing.json    -> data/default_run/
        runs/faq/<case>/RUN_FILES                            -> data/faq/<case>/
        runs/adapters_eval/{report.md,evaluation_results.json} -> data/advanced/adapters_eval/
        runs/distill{,_labels_only}/RUN_FILES                -> data/advanced/distill{,_labels_only}/
@@ -174,7 +174,8 @@ def collect(root: Path) -> list[str]:
         copied += _replace(data / "outputs", outputs, _run_files(outputs) + extra + sorted(outputs.glob("*.png")))
     default_run = root / "runs" / "default_run"
     if (default_run / "evaluation_results.json").is_file():
-        copied += _replace(data / "default_run", default_run, _run_files(default_run))
+        timing = [default_run / MAIN_PATH_TIMING] if (default_run / MAIN_PATH_TIMING).is_file() else []
+        copied += _replace(data / "default_run", default_run, _run_files(default_run) + timing)
     for case in sorted((root / "runs" / "faq").glob("*/training_history.jsonl")):
         copied += _replace(data / "faq" / case.parent.name, case.parent, _run_files(case.parent))
     adapters = root / "runs" / "adapters_eval"
@@ -414,7 +415,9 @@ def _flatten(value: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-QUICK_START_EXTRA = ("demo_heldout.jsonl", "quick_start_timing.json")  # outputs/ files beyond RUN_FILES
+QUICK_START_EXTRA = ("demo_heldout.jsonl", "quick_start_timing.json")
+# Wall seconds of each of the guide's steps 2-4 run one after another ({"prepare", "train", "evaluate", "total"}).
+MAIN_PATH_TIMING = "main_path_timing.json"  # outputs/ files beyond RUN_FILES
 STAGES = [("prepare", "第二步 数据"), ("train", "第三步 训练"), ("evaluate", "第四步 评估"), ("plot", "第五步 画图"),
           ("demo", "第六步 演示")]
 # The metrics the quick-start section shows, each defined once, in Chinese, for a learner.
@@ -520,17 +523,26 @@ def section_default_run(root: Path, data: Path, link: str) -> str:
         return (f"{NOT_YET} 按第二到第四步运行（`python data/prepare_data.py`、`python training/train.py`、"
                 "`python training/evaluate.py --model_path outputs`），把 `outputs/` 复制到 `runs/default_run/`，" + REGENERATE)
     cfg = read_yaml(folder / "config.yaml") or {}
-    training = cfg.get("training", {})
-    minutes = (summary["wall_seconds"] + results.get("seconds", 0)) / 60
-    rows = [[task, str(row["n"]), fmt(results["baseline"]["per_task"][task].get("exact_match")), fmt(row["exact_match"]),
+    training, data_cfg = cfg.get("training", {}), cfg.get("data", {})
+    stages = read_json(folder / MAIN_PATH_TIMING)
+    rows = [[f"{task}（单独计分）" if task in SCORED_APART else task, str(row["n"]),
+             fmt(results["baseline"]["per_task"][task].get("exact_match")), fmt(row["exact_match"]),
              _plain_interval(row.get("exact_match_ci"))]
             for task, row in results["per_task"].items() if "exact_match" in row]
+    if stages:
+        time_line = (f"三步一共用了 {stages['total'] / 60:.0f} 分钟：第二步 数据 {stages['prepare']:.0f} 秒，第三步 训练 "
+                     f"{stages['train'] / 60:.1f} 分钟，第四步 评估 {stages['evaluate'] / 60:.1f} 分钟。")
+    else:
+        time_line = f"评估用了 {results.get('seconds', 0) / 60:.1f} 分钟。"
     return "\n".join([
-        f"`configs/default.yaml`（{training.get('num_epochs')} 个 epoch，batch {training.get('batch_size')}，"
-        f"学习率 {training.get('learning_rate')}，`{','.join(cfg.get('lora', {}).get('target_modules', []))}`）："
-        f"训练 {summary['steps']} 步用了 {summary['wall_seconds'] / 60:.1f} 分钟（{fmt(summary['seconds_per_step'])} 秒/步，"
-        f"设备 `{summary.get('device')}`），评估 {results.get('seconds', 0) / 60:.1f} 分钟，合计约 {minutes:.0f} 分钟。"
-        f"测试集 {results['num_samples']} 行，每类任务的行数见下表：行数少的任务，区间很宽。", "",
+        f"`configs/default.yaml`：{data_cfg.get('num_samples')} 条数据（{'、'.join(data_cfg.get('tasks') or ['全部任务'])}），"
+        f"{training.get('num_epochs', 0):g} 个 epoch，batch {training.get('batch_size')}，"
+        f"学习率 {training.get('learning_rate')}，`{','.join(cfg.get('lora', {}).get('target_modules', []))}`，"
+        f"设备 `{summary.get('device')}`，混合精度 `{summary.get('mixed_precision')}`。"
+        f"训练 {summary['steps']} 步，{fmt(summary['seconds_per_step'])} 秒/步；训练的 {summary['wall_seconds'] / 60:.1f} 分钟里有 "
+        f"{summary['eval_and_save_seconds'] / 60:.1f} 分钟在算验证 loss 和存检查点。" + time_line,
+        "",
+        f"测试集 {results['num_samples']} 行（训练没见过的问题，问法与训练相同），教师强制判定精确匹配：", "",
         *table(["任务", "行数", "微调前（基座）", "微调后（LoRA）", "微调后的 95% 区间"], rows), "",
         f"合计（不含单独计分的任务）：基座 {fmt(results['baseline']['exact_match'])}，微调后 {fmt(results['exact_match'])}，"
         f"差的 95% 区间 {_interval(results.get('delta_ci', {}).get('exact_match'))}；测试损失 "
