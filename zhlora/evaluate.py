@@ -5,8 +5,8 @@
     zhlora evaluate --adapters math=runs/math,zh=runs/zh [--output_dir outputs/adapters_eval]
 
 Reads <model_path>/config.yaml and the run's data.test_file (or --test_data, never the
-train file), keeps the first --max_samples rows in file order (rows of data.tasks only,
-when the run was trained on a subset). Then, for the fine-tuned model and the base model:
+train file), keeps the first --max_samples rows in file order (of the built-in families, only
+those in data.tasks when the run was trained on a subset; rows of the user's own data always). Then, for the fine-tuned model and the base model:
   1. teacher forcing, every row (teacher_forced): one forward pass over prompt + reference says
      whether greedy decoding would write the reference and stop (exact_match of the tasks with
      one right answer), and gives the test loss over the supervised tokens;
