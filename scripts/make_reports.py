@@ -459,9 +459,9 @@ def section_quick_start(root: Path, data: Path, link: str) -> str:
     return "\n".join(lines).rstrip()
 
 
-def quick_start_results(results: dict) -> list[str]:
-    """The per-task table (base -> LoRA), the headline metrics with paired intervals, the definitions."""
-    base, agree = results.get("baseline", {}), results.get("forced_vs_generated", {})
+def task_rows(results: dict) -> list[list[str]]:
+    """One row per task with an exact match: task, rows scored, base, LoRA, the LoRA side's 95% interval."""
+    base = results.get("baseline", {})
     rows = []
     for task, row in results.get("per_task", {}).items():
         if "exact_match" not in row:
@@ -469,6 +469,13 @@ def quick_start_results(results: dict) -> list[str]:
         name = f"{task}（单独计分）" if task in SCORED_APART else task
         rows.append([name, str(row.get("n_exact", row["n"])), fmt(base.get("per_task", {}).get(task, {}).get("exact_match")),
                      fmt(row["exact_match"]), _plain_interval(row.get("exact_match_ci"))])
+    return rows
+
+
+def quick_start_results(results: dict) -> list[str]:
+    """The per-task table (base -> LoRA), the headline metrics with paired intervals, the definitions."""
+    base, agree = results.get("baseline", {}), results.get("forced_vs_generated", {})
+    rows = task_rows(results)
     lines = [f"评估：测试集全部 {results.get('num_samples')} 行。这些问题训练时没有出现过，但问法与训练相同"
              "（训练从没见过的问法见下面的演示）。有唯一正确答案的任务每行都用教师强制判定精确匹配，"
              f"self_cognition 按真实生成判定；共有 {results.get('num_generated')} 行真的贪心生成（max_new_tokens "
@@ -525,10 +532,7 @@ def section_default_run(root: Path, data: Path, link: str) -> str:
     cfg = read_yaml(folder / "config.yaml") or {}
     training, data_cfg = cfg.get("training", {}), cfg.get("data", {})
     stages = read_json(folder / MAIN_PATH_TIMING)
-    rows = [[f"{task}（单独计分）" if task in SCORED_APART else task, str(row["n"]),
-             fmt(results["baseline"]["per_task"][task].get("exact_match")), fmt(row["exact_match"]),
-             _plain_interval(row.get("exact_match_ci"))]
-            for task, row in results["per_task"].items() if "exact_match" in row]
+    rows = task_rows(results)
     if stages:
         time_line = (f"三步一共用了 {stages['total'] / 60:.0f} 分钟：第二步 数据 {stages['prepare']:.0f} 秒，第三步 训练 "
                      f"{stages['train'] / 60:.1f} 分钟，第四步 评估 {stages['evaluate'] / 60:.1f} 分钟。")
