@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from zhlora import metrics
+from zhlora import allocator, metrics
 from zhlora.cli import main as zhlora
 from zhlora.config import load_config
 from zhlora.data import write_json
@@ -52,6 +52,7 @@ def stage(title: str, argv: list[str], timing: dict) -> None:
 def main(argv: list[str]) -> int:
     overrides = list(argv)
     cfg = load_config(CONFIG, overrides)
+    allocator.use(cfg.training.allocator)  # jemalloc for every stage: may start this script again
     out, data_dir = Path(cfg.output.dir), Path(cfg.data.train_file).parent
     began, timing = time.perf_counter(), {}
     changes = settings_changes(cfg, [], data_dir)

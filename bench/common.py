@@ -35,8 +35,18 @@ ALPACA_ZH = REPO.parent / "shared" / "datasets" / "alpaca_zh_demo.json"
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model; resolved to its cached safetensors folder
 
 
-def add_common_args(parser, steps: int = 6, repeats: int = 3) -> None:
-    """The flags every benchmark takes (defaults sized for a 2-core CPU, <= ~10 min a script)."""
+WORKLOADS = {
+    # name: what the rows are (README table); results of a workload other than mixed get its name as a suffix
+    "mixed": "data/train.json and alpaca_zh_demo.json in their proportion (short and long answers)",
+    "alpaca_zh_demo": "alpaca_zh_demo.json alone (long answers: ~70% of the tokens are supervised)",
+}
+
+
+def add_common_args(parser, steps: int = 30, repeats: int = 3) -> None:
+    """The flags every benchmark takes. 30 steps by default, so that the one cold first step,
+    which every runner pays and every runner's timing includes, weighs 1/30 of a run."""
+    parser.add_argument("--workload", default="mixed", choices=list(WORKLOADS),
+                        help="; ".join(f"{k}: {v}" for k, v in WORKLOADS.items()))
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name or folder (default: the embedded model)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=steps, help="optimizer steps (unpacked) = rows / batch_size")
@@ -68,24 +78,49 @@ def bf16_supported(device: str) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def fast_overrides(device: str) -> list[str]:
-    """zhlora_fast's settings: packing, and bf16 autocast on a CPU with native bf16 (a GPU's
-    default mixed precision, auto, is bf16 already)."""
-    return ["training.packing=true"] + (["training.mixed_precision=bf16"]
-                                         if device == "cpu" and bf16_supported("cpu") else [])
+def parse_variants(text: str, repeats: int, known: list[str]) -> dict[str, int]:
+    """--variants a,b:1 -> {"a": repeats, "b": 1}: a variant may run fewer repeats than --repeats
+    (one run of a slow setting whose peak RSS is all that is needed, say)."""
+    out = {}
+    for item in text.split(","):
+        name, _, count = item.partition(":")
+        if name not in known:
+            raise SystemExit(f"[bench] unknown variant {name!r}: choose from {', '.join(known)}")
+        out[name] = int(count) if count else repeats
+    return out
+
+
+def switch_variants(device: str) -> dict[str, list[str]]:
+    """One zhlora variant per speed switch, each adding one switch to the one before, so each
+    row of the table shows that switch's effect. zhlora_fastest is the quick start's setting
+    (configs/quick_start.yaml: bf16 weights and autocast; jemalloc is the default allocator).
+    Every variant names its allocator: training.allocator=auto would take jemalloc wherever
+    it is installed."""
+    bf16 = bf16_supported(device)
+    default = ["training.allocator=system"]
+    autocast = default + (["training.mixed_precision=bf16"] if bf16 and device == "cpu" else [])
+    weights = autocast + (["model.dtype=bfloat16"] if bf16 else [])
+    fastest = [o for o in weights if o != "training.allocator=system"] + ["training.allocator=jemalloc"]
+    return {"zhlora_default": default, "zhlora_fast": autocast, "zhlora_bf16_weights": weights,
+            "zhlora_fastest": fastest, "zhlora_packing": fastest + ["training.packing=true"],
+            "zhlora_low_memory": fastest + ["training.gradient_checkpointing=true"]}
 
 
 # ---------------------------------------------------------------- data
 
 
-def build_subset(n: int, seed: int) -> list[dict]:
-    """n alpaca rows, stratified: generated and alpaca_zh_demo in their files' proportion."""
-    for path in (GENERATED, ALPACA_ZH):
+def build_subset(n: int, seed: int, workload: str = "mixed") -> list[dict]:
+    """n alpaca rows: for `mixed`, generated and alpaca_zh_demo in their files' proportion
+    (stratified); for `alpaca_zh_demo`, drawn from that file alone."""
+    files = (ALPACA_ZH,) if workload == "alpaca_zh_demo" else (GENERATED, ALPACA_ZH)
+    for path in files:
         if not path.is_file():
             hint = "run `python data/prepare_data.py` first" if path == GENERATED else "shared/ datasets missing"
             raise SystemExit(f"[bench] {path} not found: {hint}")
-    generated = json.loads(GENERATED.read_text(encoding="utf-8"))
+    generated = [] if workload == "alpaca_zh_demo" else json.loads(GENERATED.read_text(encoding="utf-8"))
     alpaca = json.loads(ALPACA_ZH.read_text(encoding="utf-8"))
+    if n > len(alpaca) + len(generated):
+        raise SystemExit(f"[bench] {n} rows asked for, the {workload} workload has {len(alpaca) + len(generated)}")
     rng = random.Random(seed)
     n_alpaca = round(n * len(alpaca) / (len(alpaca) + len(generated)))
     rows = rng.sample(alpaca, n_alpaca) + rng.sample(generated, n - n_alpaca)
@@ -93,10 +128,10 @@ def build_subset(n: int, seed: int) -> list[dict]:
     return [{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]} for r in rows]
 
 
-def write_subset(n: int, seed: int, folder: Path = WORK / "data") -> Path:
+def write_subset(n: int, seed: int, workload: str = "mixed", folder: Path = WORK / "data") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"train_n{n}_seed{seed}.json"
-    path.write_text(json.dumps(build_subset(n, seed), ensure_ascii=False, indent=1), encoding="utf-8")
+    path = folder / f"train_{workload}_n{n}_seed{seed}.json"
+    path.write_text(json.dumps(build_subset(n, seed, workload), ensure_ascii=False, indent=1), encoding="utf-8")
     return path
 
 
@@ -156,8 +191,8 @@ def zhlora_overrides(args, model: str, data_file: Path, out_dir: Path) -> list[s
 def run_zhlora(args, model: str, data_file: Path, name: str, extra: list[str]) -> dict:
     """One zhlora training in a fresh process (`zhlora train`); figures from its train_summary.json.
 
-    zhlora's own timing excludes model loading, data encoding, its two calibration
-    passes before step 1 (they warm the kernels) and the final save.
+    zhlora's own timing starts at the first (cold) optimizer step and excludes model loading,
+    data encoding and the final save.
     """
     out_dir = WORK / "runs" / name
     command = [sys.executable, "-m", "zhlora.cli", "train", "--config", str(REPO / "configs" / "default.yaml"),
@@ -168,6 +203,7 @@ def run_zhlora(args, model: str, data_file: Path, name: str, extra: list[str]) -
     return {**measured, "train_seconds": seconds, "steps": summary["steps"],
             "supervised": round(summary["supervised_tokens_per_s"] * seconds),
             "final_loss": summary["final_loss"], "mixed_precision": summary["mixed_precision"],
+            "allocator": summary.get("allocator"),
             "peak_gpu_mb": summary["peak_memory_mb"] if args.device == "cuda" else None}
 
 
@@ -216,9 +252,10 @@ def machine(device: str = "cpu") -> dict:
     return info
 
 
-def result_name(name: str, device: str) -> str:
-    """CPU results keep the plain name; GPU runs get a suffix so they never overwrite them."""
-    return name if device == "cpu" else f"{name}_{device}"
+def result_name(name: str, device: str, workload: str = "mixed") -> str:
+    """CPU results on the mixed workload keep the plain name; another workload or a GPU gets a
+    suffix (train_throughput_alpaca_zh_demo.json, mfu_cuda.json), so none overwrites another."""
+    return name + ("" if workload == "mixed" else f"_{workload}") + ("" if device == "cpu" else f"_{device}")
 
 
 def write_result(name: str, data: dict) -> Path:

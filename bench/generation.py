@@ -1,20 +1,23 @@
-"""Evaluation-style generation: the usual one-sample-at-a-time loop vs zhlora's batched greedy.
+"""Generation: one prompt at a time vs fixed batches vs refilled batches, greedy, same rows.
 
-    python bench/generation.py                                   # base model, 16 test rows, 3 repeats
-    python bench/generation.py --run_dir outputs                 # a trained run (LoRA adapter)
-    python bench/generation.py --max_samples 4 --repeats 1       # smoke run
+    python bench/generation.py --run_dir outputs                 # the quick start's adapter, 64 test rows, 3 repeats
+    python bench/generation.py                                   # the base model instead
+    python bench/generation.py --max_samples 8 --repeats 1       # smoke run
 
 Modes, on the first --max_samples rows of the test split (file order, as
 `zhlora evaluate` reads them), each timed over all rows, median of --repeats:
-  one_by_one_sampling  the usual tutorial: apply_chat_template, then
-                       model.generate(do_sample=True, temperature, top_p) per sample;
-  one_by_one_greedy    zhlora.generation.generate with batch_size=1 (greedy): the
-                       same decoding as batched, so its ratio isolates batching;
-  batched_greedy       zhlora.generation.generate, --batch_size prompts at a time
-                       (left padding, sorted by length, KV cache), what evaluate runs.
-tokens/s counts generated tokens (the stop token included); s/sample is the wall
-time divided by the rows. `same_text` is the fraction of rows whose batched greedy
-text equals the one-by-one greedy text (batching must not change the answers).
+  one_by_one_greedy    model.generate on one prompt at a time (zhlora.generation.generate,
+                       batch_size=1, refill=False): the reference;
+  batched_padded       model.generate on fixed batches of --batch_size (left padding, sorted
+                       by length, KV cache): a batch runs until its longest answer ends;
+  batched_refill       zhlora/refill.py, --batch_size rows: a finished row leaves and the next
+                       prompt joins (what evaluate, the demo's batch mode and the server's
+                       non-streamed requests run);
+  one_by_one_sampling  (--modes) the usual tutorial: apply_chat_template, then
+                       model.generate(do_sample=True, temperature, top_p) per sample.
+tokens/s counts generated tokens (the stop token included); s/sample is the wall time
+divided by the rows. `same_text` is, for each batched mode, the fraction of rows whose text
+equals the one-by-one greedy text (batching must not change the answers).
 """
 from __future__ import annotations
 
@@ -72,9 +75,12 @@ def main(argv=None) -> int:
     parser.add_argument("--run_dir", default="", help="a zhlora run folder (adapter) instead of the base model")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--test_file", default=str(REPO / "data" / "test.json"))
-    parser.add_argument("--max_samples", type=int, default=16)
+    parser.add_argument("--max_samples", type=int, default=64)
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=8, help="batched mode (zhlora evaluate's default)")
+    parser.add_argument("--batch_size", type=int, default=32, help="batched modes (zhlora evaluate's default)")
+    parser.add_argument("--dtype", default="float32", choices=["run", "float32", "bfloat16"],
+                        help="weights while generating: run = as the run's model.dtype (the quick start: bfloat16)")
+    parser.add_argument("--modes", default="one_by_one_greedy,batched_padded,batched_refill")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top_p", type=float, default=0.9)
@@ -83,14 +89,22 @@ def main(argv=None) -> int:
 
     rows = json.loads(Path(args.test_file).read_text(encoding="utf-8"))[:args.max_samples]
     model, tokenizer = load(args)
+    if args.dtype != "run":
+        model = model.to(getattr(torch, args.dtype))
     prompts = [encode_prompt(row, tokenizer) for row in rows]
-    generate(model, tokenizer, prompts[:2], max_new_tokens=4, batch_size=2)  # warm-up: first calls pay allocation
+    for refill in (False, True):  # warm-up: first calls pay allocation
+        generate(model, tokenizer, prompts[:2], max_new_tokens=4, batch_size=2, refill=refill)
 
-    modes = {
+    every = {
         "one_by_one_sampling": lambda: tutorial_one_by_one(model, tokenizer, rows, args),
-        "one_by_one_greedy": lambda: generate(model, tokenizer, prompts, args.max_new_tokens, batch_size=1),
-        "batched_greedy": lambda: generate(model, tokenizer, prompts, args.max_new_tokens, batch_size=args.batch_size),
+        "one_by_one_greedy": lambda: generate(model, tokenizer, prompts, args.max_new_tokens, batch_size=1,
+                                              refill=False),
+        "batched_padded": lambda: generate(model, tokenizer, prompts, args.max_new_tokens,
+                                           batch_size=args.batch_size, refill=False),
+        "batched_refill": lambda: generate(model, tokenizer, prompts, args.max_new_tokens,
+                                           batch_size=args.batch_size, refill=True),
     }
+    modes = {m: every[m] for m in args.modes.split(",")}
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     texts: dict[str, list[str]] = {}
     for _ in range(args.repeats):
@@ -103,17 +117,22 @@ def main(argv=None) -> int:
                                "seconds_per_sample": seconds / len(rows)})
             print(f"[bench] {mode}: {tokens / seconds:.1f} tokens/s, {seconds / len(rows):.2f} s/sample")
     median = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
-    same = sum(a == b for a, b in zip(texts["batched_greedy"], texts["one_by_one_greedy"])) / len(rows)
+    for m in median:
+        per_s = [r["tokens_per_s"] for r in runs[m]]
+        median[m]["tokens_per_s_range"] = [min(per_s), max(per_s)]
+    reference = texts.get("one_by_one_greedy")
+    same = {m: sum(a == b for a, b in zip(t, reference)) / len(rows)
+            for m, t in texts.items() if reference and m != "one_by_one_greedy"}
+    ratios = {m: median[m]["tokens_per_s"] / median["one_by_one_greedy"]["tokens_per_s"]
+              for m in median if "one_by_one_greedy" in median and m != "one_by_one_greedy"}
     write_result(result_name("generation", args.device), {
         "machine": machine(args.device),
         "settings": {"rows": len(rows), "test_file": Path(args.test_file).name, "max_new_tokens": args.max_new_tokens,
-                     "batch_size": args.batch_size, "repeats": args.repeats, "model": args.run_dir or args.model,
+                     "batch_size": args.batch_size, "repeats": args.repeats,
+                     "dtype": str(next(model.parameters()).dtype), "model": args.run_dir or args.model,
                      "sampling": {"temperature": args.temperature, "top_p": args.top_p}},
-        "median": median,
-        "speedup_batched": median["batched_greedy"]["tokens_per_s"] / median["one_by_one_sampling"]["tokens_per_s"],
-        "speedup_batched_vs_greedy_single": (median["batched_greedy"]["tokens_per_s"]
-                                             / median["one_by_one_greedy"]["tokens_per_s"]),
-        "same_text": same, "runs": runs})
+        "median": median, "ratio_to_one_by_one_greedy": ratios,
+        "speedup_batched": ratios.get("batched_refill"), "same_text": same, "runs": runs})
     return 0
 
 

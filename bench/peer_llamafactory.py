@@ -28,8 +28,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from common import (REPO, RESULTS, WORK, add_common_args, figures, machine, median_of, model_folder, result_name,
-                    run_measured, write_result, write_subset)
+from common import (REPO, RESULTS, WORK, add_common_args, figures, machine, median_of, model_folder, parse_variants,
+                    result_name, run_measured, write_result, write_subset)
 
 LF = WORK / "lf"
 VARIANTS = {
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         raise SystemExit("[bench] --template is required (bench/peer_llamafactory.sh picks one)")
 
     model = compatible_model(model_folder(args.model), lf_transformers_major(venv))
-    data_file = write_subset(args.steps * args.batch_size, args.seed)
+    data_file = write_subset(args.steps * args.batch_size, args.seed, args.workload)
     LF.mkdir(parents=True, exist_ok=True)
     shutil.copy(data_file, LF / "train.json")
     (LF / "dataset_info.json").write_text(json.dumps({"zhlora_bench": {
@@ -156,11 +156,12 @@ def main(argv=None) -> int:
     print(f"[bench] LLaMA-Factory tokenised: {counts}")
 
     # 2. the variants, repeats interleaved
-    variants = args.variants.split(",")
+    plan = parse_variants(args.variants, args.repeats, list(VARIANTS))
+    variants = list(plan)
     runs: dict[str, list[dict]] = {v: [] for v in variants}
-    for repeat in range(args.repeats):
-        for variant in variants:
-            name = f"{variant}-{args.device}-{repeat}"
+    for repeat in range(max(plan.values())):
+        for variant in [v for v in variants if repeat < plan[v]]:
+            name = f"{variant}-{args.workload}-{args.device}-{repeat}"
             output_dir = WORK / "runs" / name
             shutil.rmtree(output_dir, ignore_errors=True)
             config = {**base_config(args, model, output_dir), **VARIANTS[variant]}
@@ -178,26 +179,25 @@ def main(argv=None) -> int:
 
     medians = {v: median_of(r) for v, r in runs.items()}
     best = max(medians, key=lambda v: medians[v]["supervised_tokens_per_s"])
-    result = {"machine": machine(args.device), "lf_venv_python": lf_python(venv),
-              "settings": {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
+    where = str(venv.relative_to(REPO)) if venv.is_relative_to(REPO) else venv.name  # no absolute path in results
+    result = {"machine": machine(args.device), "lf_venv": where,
+              "settings": {"model": args.model, "workload": args.workload, "steps": args.steps,
+                           "batch_size": args.batch_size, "first_step": "included (train_runtime)",
                            "cutoff_len": args.max_length, "learning_rate": args.learning_rate, "repeats": args.repeats,
                            "template": args.template, "lora": "r16 a32 d0.05 q_proj,v_proj"},
               "data": {"file": data_file.name, **counts}, "median": medians, "best": best, "runs": runs}
-    ours_file = RESULTS / f"{result_name('train_throughput', args.device)}.json"
+    ours_file = RESULTS / f"{result_name('train_throughput', args.device, args.workload)}.json"
     if ours_file.is_file():
         ours = json.loads(ours_file.read_text())["median"]
         result["zhlora_over_llamafactory"] = {
             f"{z}/{v}": ours[z]["supervised_tokens_per_s"] / medians[v]["supervised_tokens_per_s"]
-            for z in ("zhlora_default", "zhlora_fast") if z in ours for v in medians}
-        if "zhlora_fast" in ours:
-            result["speedup_vs_llamafactory"] = (ours["zhlora_fast"]["supervised_tokens_per_s"]
-                                                 / medians[best]["supervised_tokens_per_s"])
+            for z in ours if z != "baseline" for v in medians}
         print("[bench] supervised tokens/s, zhlora / LLaMA-Factory:")
         for key, ratio in result["zhlora_over_llamafactory"].items():
             print(f"    {key:32s} {ratio:.2f}x")
     else:
         print(f"[bench] {ours_file} not found: run bench/train_throughput.py for the zhlora side of the ratio")
-    write_result(result_name("peer_llamafactory", args.device), result)
+    write_result(result_name("peer_llamafactory", args.device, args.workload), result)
     return 0
 
 

@@ -1,27 +1,30 @@
-"""Training throughput: the usual tutorial baseline vs zhlora's defaults vs zhlora's fastest.
+"""Training throughput: the usual tutorial baseline, then zhlora with one speed switch more per row.
 
-    python bench/train_throughput.py                       # CPU, 6 steps x batch 4, 3 repeats (~10 min on 2 cores)
-    python bench/train_throughput.py --steps 2 --repeats 1 # smoke run
-    python bench/train_throughput.py --device cuda --steps 50
+    python bench/train_throughput.py                            # mixed workload, 30 steps x batch 4, 3 repeats
+    python bench/train_throughput.py --workload alpaca_zh_demo  # long answers only
+    python bench/train_throughput.py --variants zhlora_fastest,zhlora_default:1   # one run of the second
+    python bench/train_throughput.py --steps 2 --repeats 1      # smoke run
 
 Variants, all on the same model, data subset (see common.py), LoRA r=16 alpha=32
 dropout 0.05 on q_proj,v_proj, batch size, learning rate and one epoch:
-  baseline       bench/baselines/hf_trainer_peft.py: HF Trainer + PEFT, every sample
-                 padded to max_length, no length grouping, fp32 (the usual tutorial);
-  zhlora_default `zhlora train` with its defaults (dynamic padding, length grouping;
-                 fp32 on a CPU, bf16 on a GPU);
-  zhlora_fast    + training.packing=true and bf16 autocast where the CPU has native bf16
-                 (plus --fast_overrides).
+  baseline             bench/baselines/hf_trainer_peft.py: HF Trainer + PEFT, every sample
+                       padded to max_length, no length grouping, fp32 (the usual tutorial);
+  zhlora_default       `zhlora train`, every speed switch off (fp32, dynamic padding, length
+                       grouping, answer-only logits, the system allocator);
+  zhlora_fast          + training.mixed_precision=bf16 (on a CPU with native bf16);
+  zhlora_bf16_weights  + model.dtype=bfloat16 (frozen weights in bf16, LoRA weights fp32);
+  zhlora_fastest       + training.allocator=jemalloc (zhlora/allocator.py): the quick start's setting;
+  zhlora_packing       zhlora_fastest + training.packing=true;
+  zhlora_low_memory    zhlora_fastest + training.gradient_checkpointing=true (for short memory).
 Each repeat runs in a fresh process (peak RSS is its own); repeats are interleaved
 (a, b, c, a, b, c, ...) so a slow phase of the machine hits every variant alike.
 
 Figures: supervised tokens/s (answer tokens the loss learns from), total tokens/s
 (real tokens, padding not counted), seconds per optimizer step, peak RSS; medians
 over repeats and their ratios to the baseline. Timing covers the optimizer steps
-only: model loading, tokenising and saving are left out of every variant. zhlora
-runs two calibration passes before step 1 (they warm the kernels), the baseline
-none, so the baseline's first step is cold: `baseline_steady` in the JSON gives its
-figures without step 1, for a reader who wants that bias removed.
+only, the first (cold) one included for every runner: model loading, tokenising and
+saving are left out. `baseline_steady` in the JSON gives the baseline without its
+first step.
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ import argparse
 import json
 import sys
 
-from common import (WORK, add_common_args, fast_overrides, figures, machine, median_of, model_folder, result_name,
-                    run_measured, run_zhlora, token_counts, write_result, write_subset)
+from common import (WORK, add_common_args, figures, machine, median_of, model_folder, result_name, parse_variants,
+                    run_measured, run_zhlora, switch_variants, token_counts, write_result, write_subset)
 
 BASELINE = "bench/baselines/hf_trainer_peft.py"
 
@@ -45,27 +48,24 @@ def run_baseline(args, model: str, data_file, name: str) -> dict:
     return {**measured, **json.loads(result_file.read_text())}
 
 
-def zhlora_fast_overrides(args) -> list[str]:
-    return fast_overrides(args.device) + list(args.fast_overrides)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--variants", default="baseline,zhlora_default,zhlora_fast")
-    parser.add_argument("--fast_overrides", nargs="*", default=[], help="more key=value for zhlora_fast")
+    parser.add_argument("--variants", default=",".join(["baseline", *switch_variants("cpu")]))
     args = parser.parse_args(argv)
+    switches = switch_variants(args.device)
+    plan = parse_variants(args.variants, args.repeats, ["baseline", *switches])
 
     model = model_folder(args.model)
-    data_file = write_subset(args.steps * args.batch_size, args.seed)
+    data_file = write_subset(args.steps * args.batch_size, args.seed, args.workload)
     counts = token_counts(data_file, model, args.max_length)
     print(f"[bench] {data_file.name}: {counts}")
-    variants = args.variants.split(",")
+    variants = list(plan)
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     steady: list[dict] = []
-    for repeat in range(args.repeats):
-        for variant in variants:
-            name = f"{variant}-{args.device}-{repeat}"
+    for repeat in range(max(plan.values())):
+        for variant in [v for v in variants if repeat < plan[v]]:
+            name = f"{variant}-{args.workload}-{args.device}-{repeat}"
             if variant == "baseline":
                 run = run_baseline(args, model, data_file, name)
                 if run["supervised"] != counts["supervised"]:  # different tokenisation: say so, use its own count
@@ -77,10 +77,11 @@ def main(argv=None) -> int:
                     steady.append({"seconds_per_step": later / (run["steps"] - 1),
                                    "supervised_tokens_per_s": sum(run["step_supervised"][1:]) / later})
             else:
-                extra = zhlora_fast_overrides(args) if variant == "zhlora_fast" else []
-                run = run_zhlora(args, model, data_file, name, extra)
+                run = run_zhlora(args, model, data_file, name, switches[variant])
                 fig = figures(run, run["supervised"], counts["tokens"])
             fig["final_loss"] = run["final_loss"]
+            if "allocator" in run:
+                fig["allocator"] = run["allocator"]
             if run.get("peak_gpu_mb") is not None:
                 fig["peak_gpu_mb"] = run["peak_gpu_mb"]
             runs[variant].append(fig)
@@ -95,11 +96,12 @@ def main(argv=None) -> int:
             ratios[v] = {"supervised_tokens_per_s": m["supervised_tokens_per_s"] / base["supervised_tokens_per_s"],
                          "tokens_per_s": m["tokens_per_s"] / base["tokens_per_s"],
                          "peak_rss": m["peak_rss_mb"] / base["peak_rss_mb"]}
-    write_result(result_name("train_throughput", args.device), {
-        "machine": machine(args.device), "data": {"file": data_file.name, **counts},
+    write_result(result_name("train_throughput", args.device, args.workload), {
+        "machine": machine(args.device), "data": {"file": data_file.name, "workload": args.workload, **counts},
         "settings": {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
                      "max_length": args.max_length, "learning_rate": args.learning_rate, "repeats": args.repeats,
-                     "lora": "r16 a32 d0.05 q_proj,v_proj", "zhlora_fast_overrides": zhlora_fast_overrides(args)},
+                     "lora": "r16 a32 d0.05 q_proj,v_proj", "first_step": "included for every runner",
+                     "overrides": {v: switches[v] for v in variants if v in switches}},
         "median": medians, "ratio_to_baseline": ratios, "runs": runs,
         "baseline_steady": median_of(steady) if steady else None})
     return 0

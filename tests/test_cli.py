@@ -9,7 +9,7 @@ import pytest
 from zhlora import cli
 
 EVERY_COMMAND = ["prepare", "validate", "doctor", "train", "distill", "evaluate", "plot", "demo", "serve",
-                 "experiment", "params", "merge", "merge-adapters"]
+                 "experiment", "params", "merge", "merge-adapters", "export"]
 
 
 def test_help_lists_every_command_with_its_purpose(capsys):

@@ -64,7 +64,7 @@ def test_writes_results_with_every_documented_key(evaluated):
     assert sum(row["n"] for row in results["per_task"].values()) == FAST["max_samples"]
     assert results["perplexity"] == pytest.approx(math.exp(results["test_loss"]))
     assert results["definitions"] == metrics.DEFINITIONS
-    assert results["settings"] == {"batch_size": 4, "max_new_tokens": 12, "decoding": "greedy",
+    assert results["settings"] == {"batch_size": 4, "max_new_tokens": 12, "decoding": "greedy", "refill": True,
                                    "generation_config": decoding_settings(),
                                    "test_data": results["config"]["data"]["test_file"], "max_samples": 6,
                                    "generate_samples": None, "device": "cpu"}

@@ -60,3 +60,62 @@ def test_a_setting_only_its_absence_switches_off_is_refused(penalised_model):
     model.generation_config.suppress_tokens = [5]
     with pytest.raises(ValueError, match="generation_config sets suppress_tokens"):
         generate(model, tokenizer, [encode_prompt([{"role": "user", "content": "你好"}], tokenizer)])
+
+
+LONGER = QUESTIONS + ["请把下面的句子翻译成英文：我喜欢学习", "1+1等于几？", "写一首关于秋天的诗", "什么是LoRA微调",
+                      "解释一下注意力机制", "你是谁"]
+
+
+def _config_with_stops(model, tokenizer, prompts, max_new_tokens):
+    """A greedy GenerationConfig whose stop tokens end the random model's answers at different steps
+    (a token each of three answers produces at its 3rd, 6th and 9th step), so rows leave the batch
+    and others join while it runs."""
+    from zhlora.generation import generation_config
+
+    free = [_argmax_loop(model, p, [], max_new_tokens) for p in prompts]
+    config = generation_config(model, tokenizer, max_new_tokens)
+    config.eos_token_id = sorted({free[0][2], free[1][5], free[2][8]})
+    return config
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 16])
+def test_refilled_batches_answer_as_one_prompt_at_a_time(penalised_model, batch_size):
+    from zhlora.refill import generate_refill
+
+    model, tokenizer = penalised_model
+    prompts = [encode_prompt([{"role": "user", "content": q}], tokenizer) for q in LONGER]
+    config = _config_with_stops(model, tokenizer, prompts, 12)
+    expected = [_argmax_loop(model, p, config.eos_token_id, 12) for p in prompts]
+    assert len({len(e) for e in expected}) >= 3  # rows end at different steps, so refilling happens mid-run
+    got = generate_refill(model, prompts, config, tokenizer.pad_token_id, batch_size)
+    assert [ids for ids, _, _ in got] == expected
+    assert [finished for _, finished, _ in got] == [e[-1] in config.eos_token_id for e in expected]
+    assert all(seconds > 0 for _, _, seconds in got)
+
+
+def test_refill_and_fixed_batches_give_the_same_text(penalised_model):
+    from zhlora.generation import generate
+
+    model, tokenizer = penalised_model
+    prompts = [encode_prompt([{"role": "user", "content": q}], tokenizer) for q in LONGER]
+    refilled = generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=4)
+    fixed = generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=4, refill=False)
+    assert [g.text for g in refilled] == [g.text for g in fixed]
+    assert [g.token_ids for g in refilled] == [g.token_ids for g in fixed]
+
+
+def test_refill_sampling_repeats_with_its_seed_and_follows_temperature(penalised_model):
+    from zhlora.generation import generate
+
+    model, tokenizer = penalised_model
+    prompts = [encode_prompt([{"role": "user", "content": q}], tokenizer) for q in LONGER]
+    kwargs = dict(max_new_tokens=8, batch_size=3, do_sample=True, top_p=1.0)
+    first = generate(model, tokenizer, prompts, seed=7, temperature=1.0, **kwargs)
+    again = generate(model, tokenizer, prompts, seed=7, temperature=1.0, **kwargs)
+    other = generate(model, tokenizer, prompts, seed=8, temperature=1.0, **kwargs)
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]
+    assert [g.token_ids for g in first] != [g.token_ids for g in other]
+    # A temperature near 0 leaves only the argmax: sampling then answers as greedy does.
+    cold = generate(model, tokenizer, prompts, seed=7, temperature=1e-4, **kwargs)
+    greedy = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
+    assert [g.token_ids for g in cold] == [g.token_ids for g in greedy]

@@ -147,18 +147,26 @@ def test_claims_that_hold_at_the_scale_they_come_from():
 
 def test_bench_results_fill_the_speed_section(tmp_path):
     root = fake_root(tmp_path)
-    (root / "bench" / "results").mkdir(parents=True)
-    (root / "bench" / "results" / "summary.json").write_text(json.dumps(
-        {"speedup_vs_baseline": 3.5, "speedup_vs_llamafactory": 1.2, "mfu": 0.31, "machine": "2-core CPU",
+    results = root / "bench" / "results"
+    results.mkdir(parents=True)
+    machine = {"cpu": "Xeon", "cores": 2, "memory_gb": 23.5, "torch": "2.13.0+cpu", "python": "/usr/bin/python3"}
+    (results / "summary.json").write_text(json.dumps(
+        {"speedup_vs_llamafactory": 2.6, "speedup_vs_llamafactory_alpaca_zh_demo": 1.2, "mfu": 0.31,
+         "peak_rss_mb_low_memory": 3300.0, "llamafactory_default_peak_rss_mb": 3061.0, "machine": machine,
          "date": "2025-01-01"}), encoding="utf-8")
-    (root / "bench" / "results" / "mfu.json").write_text(json.dumps({"peak": {"bf16_gflops": 120.5}, "mfu": 0.31,
-                                                                     "runs": [1, 2]}), encoding="utf-8")
+    runner = {"supervised_tokens_per_s": 120.0, "supervised_tokens_per_s_range": [110.0, 130.0],
+              "peak_rss_mb": 3500.0, "repeats": 3}
+    (results / "train_throughput.json").write_text(json.dumps({"median": {"zhlora_fastest": runner}}), "utf-8")
+    (results / "peer_llamafactory.json").write_text(json.dumps(
+        {"best": "lf_bf16", "median": {"lf_bf16": {**runner, "supervised_tokens_per_s": 48.0}}}), "utf-8")
     assert mr.main(["--root", str(root)]) == 0
     report = (root / "docs" / "results" / "performance.md").read_text(encoding="utf-8")
-    assert "机器：2-core CPU；日期：2025-01-01。" in report
-    assert "| 3.50 | ≥ 3 | 达到 |" in report and "| 1.20 | ≥ 1.5 | 未达到 |" in report
-    assert "`speedup_batched` | 评估生成 token/s，批量贪心 vs 逐条采样 | **尚未测量" in report
-    assert "| `peak.bf16_gflops` | 120.5 |" in report and "runs" not in report.split("`mfu.json`")[1]
+    assert "机器：Xeon，2 核，内存 23.5 GB，torch 2.13.0+cpu；日期：2025-01-01。" in report
+    assert "| 2.60 | ≥ 2.50 | 达到 |" in report and "| 1.20 | ≥ 2.50 | 未达到 |" in report
+    assert "| 3,300 | ≤ 3,061 | 未达到 |" in report  # the bar is LLaMA-Factory's measured default
+    assert "`speedup_batched` | 生成 token/s：补位批量贪心 vs 逐条贪心 | **尚未测量" in report
+    assert "| `zhlora_fastest` | 120.0 | 110.0–130.0 | 2.50 | 3,500 | 3 |" in report
+    assert "/usr/bin" not in report  # no machine path, no Python dict
 
 
 def test_faq_before_and_after(tmp_path):

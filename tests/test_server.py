@@ -204,6 +204,33 @@ def test_fifty_concurrent_requests(client):
     assert answers == [expected[name] for name in jobs]
 
 
+def test_concurrent_requests_share_decoding_steps(client, served):
+    """Eight greedy requests at once answer in about as many forward passes as one (they ride in one
+    batch), and each answer is the one it gets alone."""
+    engine = served[1]
+    alone = ask(client, max_tokens=10).choices[0].message.content
+    calls = []
+    gate = threading.Event()
+
+    def hook(module, inputs, logits):
+        gate.wait(5)  # hold the first forward until every request is queued, so they all share it
+        calls.append(logits.shape[0])
+        return logits
+
+    handle = engine.model.get_output_embeddings().register_forward_hook(hook)
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            futures = [pool.submit(lambda: ask(client, max_tokens=10).choices[0].message.content) for _ in range(8)]
+            while engine.pending < 8:
+                time.sleep(0.01)
+            gate.set()
+            answers = [f.result() for f in futures]
+    finally:
+        handle.remove()
+    assert answers == [alone] * 8
+    assert len(calls) <= 2 * 11 and max(calls) == 8  # one-by-one would take 8 x (1 prefill + 9 steps) = 80
+
+
 @pytest.fixture
 def slow_endless_model(served):
     """Make every decoding step take 0.1 s and never end early (EOS masked): MAX_TOKENS take 6.4 s."""

@@ -13,6 +13,7 @@
     zhlora params   --model Qwen/Qwen2.5-0.5B-Instruct --ranks 8,16  (zhlora/params.py)
     zhlora merge    --model_path outputs --output merged            (zhlora/merge.py)
     zhlora merge-adapters --adapters a=runs/a,b=runs/b --weights 0.5,0.5 --output merged
+    zhlora export   --model_path outputs --format gguf --output export  (zhlora/export.py)
 
 Every subcommand that reads a config takes `--config` (default configs/default.yaml when it
 exists) and `key=value` overrides such as `lora.r=32`. A command module gives
@@ -30,7 +31,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from zhlora import chat, evaluate, experiment, merge, params, plots, server
+from zhlora import allocator, chat, evaluate, experiment, export, merge, params, plots, server
 from zhlora.config import ConfigError, load_config
 from zhlora.errors import ZhloraError
 
@@ -103,17 +104,26 @@ def cmd_doctor(args) -> int:
     return run_doctor(_load(args), color=sys.stdout.isatty())
 
 
+def _load_training(args):
+    """The config of train/distill; started from the command line, the process first takes the
+    allocator the config asks for (zhlora/allocator.py: it may start itself again)."""
+    cfg = _load(args)
+    if args.entry:
+        allocator.use(cfg.training.allocator)
+    return cfg
+
+
 def cmd_train(args) -> int:
     from zhlora.train import train
 
-    train(_load(args))
+    train(_load_training(args))
     return 0
 
 
 def cmd_distill(args) -> int:
     from zhlora.train import train
 
-    cfg = _load(args)
+    cfg = _load_training(args)
     if not cfg.training.distill_teacher:
         raise ConfigError("training.distill_teacher: distill needs a teacher (a model or a run folder)")
     train(cfg)
@@ -139,6 +149,8 @@ COMMANDS = [
     ("merge", "fold a LoRA adapter into the base model", merge.add_arguments, merge.run),
     ("merge-adapters", "weighted merge of LoRA adapters into one", merge.add_adapter_arguments,
      merge.run_adapters),
+    ("export", "GGUF for llama.cpp and Ollama: merged model, LoRA adapter, Modelfile", export.add_arguments,
+     export.run),
 ]
 # Commands whose positionals may come after options too: `zhlora experiment X.yaml --output_dir D lora.r=8`.
 INTERMIXED = {"experiment"}
@@ -178,8 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, entry: bool = False) -> int:
+    """Run one command. entry=True only where a process starts for it (the `zhlora` command,
+    training/train.py): such a process may be started again with another allocator."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args.entry = entry
     try:
         return args.func(args)
     except ZhloraError as err:  # the user's input; anything else is a bug and keeps its traceback
@@ -187,5 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
 
 
+def entry() -> int:
+    """The `zhlora` console command."""
+    return main(entry=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

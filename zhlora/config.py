@@ -77,6 +77,7 @@ class TrainingConfig:
     packing: bool = False  # padding-free packing; samples never attend to each other
     group_by_length: bool = True  # batches of similar length waste less compute on padding
     supervised_logits: bool = True  # output layer only where a token is trained: same loss, less time
+    allocator: str = "auto"  # auto | system | jemalloc: malloc of a CPU training process (zhlora/allocator.py)
     logging_steps: int = 5
     eval_steps: int = 50
     save_steps: int = 100
@@ -131,6 +132,7 @@ _RULES = {
     "training.weight_decay": (lambda v: v >= 0, "must be >= 0"),
     "training.max_grad_norm": (lambda v: v >= 0, "must be >= 0 (0 disables clipping)"),
     "training.mixed_precision": (lambda v: v in ("auto", "no", "bf16", "fp16"), "must be auto, no, bf16 or fp16"),
+    "training.allocator": (lambda v: v in ("auto", "system", "jemalloc"), "must be auto, system or jemalloc"),
     "training.logging_steps": (lambda v: v > 0, "must be > 0"),
     "training.eval_steps": (lambda v: v > 0, "must be > 0"),
     "training.save_steps": (lambda v: v > 0, "must be > 0"),

@@ -1,7 +1,7 @@
 """第四步: score a trained run on its held-out test split, beside the base model it started from.
 
     python training/evaluate.py --model_path outputs [--max_samples 200] [--generate_samples 64] [--no_baseline]
-    zhlora evaluate --model_path outputs --batch_size 8 --max_new_tokens 128
+    zhlora evaluate --model_path outputs --batch_size 32 --max_new_tokens 128
     zhlora evaluate --adapters math=runs/math,zh=runs/zh [--output_dir outputs/adapters_eval]
 
 Reads <model_path>/config.yaml and the run's data.test_file (or --test_data, never the
@@ -158,7 +158,7 @@ def generation_rows(rows: list[dict], generate_samples: int | None) -> list[int]
 
 
 def score_model(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int, max_new_tokens: int,
-                generate_samples: int | None = None):
+                generate_samples: int | None = None, refill: bool = True):
     """(prompts, generations, per-sample scores, summary) of one model on the test rows.
 
     exact_match of a FORCED_TASKS row is the teacher-forced match (every row); a generated row
@@ -174,7 +174,7 @@ def score_model(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int
         prompts[i] = encode_prompt(rows[i], tokenizer, cfg.model.template, cfg.data.max_length)
     truncated = sum(prompt_is_truncated(rows[i], tokenizer, cfg.model.template, cfg.data.max_length) for i in chosen)
     for i, g in zip(chosen, generate(model, tokenizer, [prompts[i] for i in chosen],
-                                     max_new_tokens=max_new_tokens, batch_size=batch_size)):
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size, refill=refill)):
         generations[i] = g
     scores = [score_row(row, g, f) for row, g, f in zip(rows, generations, forced)]
     summary = metrics.summarize(scores)
@@ -223,9 +223,9 @@ def add_baseline(results: dict, base_summary: dict, scores: list[dict], base_sco
     results["delta_ci"] = metrics.delta_ci(scores, base_scores)
 
 
-def evaluate_run(model_path: str | Path, max_samples: int | None = None, batch_size: int = 8,
+def evaluate_run(model_path: str | Path, max_samples: int | None = None, batch_size: int = 32,
                  max_new_tokens: int = 128, test_data: str | Path | None = None, baseline: bool = True,
-                 device: str | None = None, generate_samples: int | None = None) -> dict:
+                 device: str | None = None, generate_samples: int | None = None, refill: bool = True) -> dict:
     """Evaluate a run folder, write evaluation_results.json and predictions.jsonl, return the results."""
     import torch
     from peft import PeftModel
@@ -238,7 +238,7 @@ def evaluate_run(model_path: str | Path, max_samples: int | None = None, batch_s
           f"{len(generation_rows(rows, generate_samples))} of them: greedy, batch {batch_size}, "
           f"max_new_tokens {max_new_tokens}, device {next(model.parameters()).device}")
     score = functools.partial(score_model, rows=rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              generate_samples=generate_samples)
+                              generate_samples=generate_samples, refill=refill)
     prompts, tuned, scores, results = score(model, tokenizer, cfg=cfg)
     used_device = str(next(model.parameters()).device)
     base = None
@@ -260,7 +260,7 @@ def evaluate_run(model_path: str | Path, max_samples: int | None = None, batch_s
 
     results.update(config=run_cfg.to_dict(), versions=_versions(),
                    settings={"batch_size": batch_size, "max_new_tokens": max_new_tokens, "decoding": "greedy",
-                             "generation_config": decoding_settings(),
+                             "refill": refill, "generation_config": decoding_settings(),
                              "test_data": str(test_path), "max_samples": max_samples,
                              "generate_samples": generate_samples, "device": used_device},
                    definitions=metrics.DEFINITIONS, seconds=round(time.perf_counter() - began, 1))
@@ -271,9 +271,9 @@ def evaluate_run(model_path: str | Path, max_samples: int | None = None, batch_s
 
 
 def evaluate_adapters(adapters: list[tuple[str, Path]], output_dir: str | Path = ADAPTERS_OUTPUT_DIR,
-                      max_samples: int | None = None, batch_size: int = 8, max_new_tokens: int = 128,
+                      max_samples: int | None = None, batch_size: int = 32, max_new_tokens: int = 128,
                       test_data: str | Path | None = None, baseline: bool = True, device: str | None = None,
-                      generate_samples: int | None = None) -> dict:
+                      generate_samples: int | None = None, refill: bool = True) -> dict:
     """Score each (name, run folder) adapter on its own run's tasks, all in one loaded model; write
     evaluation_results.json and predictions.jsonl into output_dir and return the results."""
     runs = {name: read_run(path, test_data, max_samples) for name, path in adapters}  # a bad folder fails here
@@ -285,7 +285,7 @@ def evaluate_adapters(adapters: list[tuple[str, Path]], output_dir: str | Path =
         print(f"[evaluate] adapter {name}: {len(rows)} rows of {test_path} "
               f"(data.tasks={run_cfg.data.tasks or 'all'}), device {used_device}")
         score = functools.partial(score_model, model, tokenizer, rows, run_cfg, batch_size, max_new_tokens,
-                                  generate_samples)
+                                  generate_samples, refill)
         with answering_as(model, name):
             prompts, tuned, scores, summary = score()
         base = None
@@ -306,7 +306,7 @@ def evaluate_adapters(adapters: list[tuple[str, Path]], output_dir: str | Path =
     first_cfg = runs[adapters[0][0]][0]
     results = {"adapters": results, "base_model": first_cfg.model.name, "versions": _versions(),
                "settings": {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "decoding": "greedy",
-                            "generation_config": decoding_settings(),
+                            "refill": refill, "generation_config": decoding_settings(),
                             "max_samples": max_samples, "generate_samples": generate_samples, "device": used_device},
                "definitions": metrics.DEFINITIONS}
     write_jsonl(Path(output_dir) / PREDICTIONS_FILE, lines)
@@ -358,7 +358,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", default=None,
                         help=f"where --adapters writes its results (default: {ADAPTERS_OUTPUT_DIR})")
     parser.add_argument("--max_samples", type=int, default=None, help="the first N test rows (default: all)")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=32,
+                        help="rows per teacher-forced pass, and rows answering at once while generating")
+    parser.add_argument("--no_refill", action="store_true",
+                        help="generate in fixed batches, each until its longest answer ends (slower; same text)")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--generate_samples", type=int, default=GENERATE_SAMPLES,
                         help="generate only the first N rows (and every self_cognition or open row); exact match "
@@ -382,11 +385,11 @@ def run(args: argparse.Namespace) -> int:
     if args.adapters:
         results = evaluate_adapters(parse_adapters(args.adapters), out, args.max_samples, args.batch_size,
                                     args.max_new_tokens, args.test_data, not args.no_baseline, args.device,
-                                    generate_samples)
+                                    generate_samples, not args.no_refill)
         print_adapters_table(results)
     else:
         results = evaluate_run(out, args.max_samples, args.batch_size, args.max_new_tokens,
-                               args.test_data, not args.no_baseline, args.device, generate_samples)
+                               args.test_data, not args.no_baseline, args.device, generate_samples, not args.no_refill)
         print_table(results)
     print(f"\n[evaluate] -> {out / RESULTS_FILE}, {out / PREDICTIONS_FILE}")
     return 0

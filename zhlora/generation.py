@@ -8,9 +8,10 @@ model, and either a LoRA adapter (adapter_config.json) or a full model (config.j
 More adapters beside a run's own, and switching between them: zhlora/serving/adapters.py.
 Prompts always come from formatting.encode_prompt, the function training used.
 
-Batched generation pads on the left (so every prompt ends where generation starts),
-sorts prompts by length (less padding) and uses the KV cache. Greedy by default, so
-results are deterministic and batching does not change the text. Greedy means argmax and
+Batched generation refills (zhlora/refill.py): a finished answer leaves the batch and the
+next prompt joins, every prompt padded on the left (so it ends where its answer starts),
+prompts taken shortest first, with the KV cache. Greedy by default, so results are
+deterministic and batching does not change the text (up to rounding: refill.py says when). Greedy means argmax and
 nothing else: an explicit GenerationConfig (decoding_settings) switches off what a model's
 generation_config.json may ship (repetition_penalty, no_repeat_ngram_size, top_k, ...).
 """
@@ -43,7 +44,7 @@ class Generation:
 
 
 def load_run(model_path: str | Path, device: str | None = None, allow_pickle: bool = False,
-             trust_remote_code: bool = False, adapter_name: str = "default"):
+             trust_remote_code: bool = False, adapter_name: str = "default", dtype: str | None = None):
     """(model, tokenizer, cfg) for a run folder; a LoRA run comes back as a PeftModel whose
     adapter is called adapter_name.
 
@@ -61,6 +62,8 @@ def load_run(model_path: str | Path, device: str | None = None, allow_pickle: bo
     safety.run_trust_remote_code(cfg, trust_remote_code)
     if device:
         cfg.model.device = device
+    if dtype:  # the frozen weights' dtype, when it must differ from training's (export: exact fp32)
+        cfg.model.dtype = dtype
     if (model_path / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -125,16 +128,35 @@ def generation_config(model, tokenizer, max_new_tokens: int, do_sample: bool = F
                             eos_token_id=stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, use_cache=True)
 
 
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 128, batch_size: int = 8,
-             do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> list[Generation]:
-    """Answers for many prompts (token ids), in the order given."""
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 128, batch_size: int = 32,
+             do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
+             refill: bool = True) -> list[Generation]:
+    """Answers for many prompts (token ids), in the order given.
+
+    refill=True (zhlora/refill.py): a finished row leaves the batch and the next prompt takes its
+    place, so batch_size rows are answering at every step. refill=False: model.generate on
+    fixed batches of batch_size, each running until its longest answer ends (the reference the
+    refilling path is tested and benchmarked against: bench/generation.py).
+    """
+    config = generation_config(model, tokenizer, max_new_tokens, do_sample, temperature, top_p)
+    if refill:
+        from zhlora.refill import generate_refill
+
+        answers = generate_refill(model, prompts, config, tokenizer.pad_token_id, batch_size, seed)
+    else:
+        answers = _generate_padded(model, tokenizer, prompts, config, batch_size, seed)
+    return [Generation(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, finished, seconds)
+            for ids, finished, seconds in answers]
+
+
+def _generate_padded(model, tokenizer, prompts, config, batch_size: int, seed: int) -> list[tuple]:
+    """(token_ids, finished, seconds) per prompt from model.generate on fixed, left-padded batches."""
     import torch
 
     device = next(model.parameters()).device
-    config = generation_config(model, tokenizer, max_new_tokens, do_sample, temperature, top_p)
     stop = config.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[Generation | None] = [None] * len(prompts)
+    results: list[tuple | None] = [None] * len(prompts)
     torch.manual_seed(seed)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
@@ -151,9 +173,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 1
         for row, i in enumerate(chunk):
             new = out[row, width:].tolist()
             end = next((k for k, t in enumerate(new) if t in stop), None)
-            kept = new if end is None else new[:end + 1]
-            text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-            results[i] = Generation(text, kept, end is not None, seconds)
+            results[i] = (new if end is None else new[:end + 1], end is not None, seconds)
     return results
 
 

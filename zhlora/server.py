@@ -17,18 +17,18 @@ Choices worth knowing:
   or join with commas) another one loaded into the same PeftModel, and "base" is that
   PeftModel with every adapter disabled (no second copy in memory). A full fine-tune
   offers "default" only.
-- One generation at a time, in one worker thread, in arrival order (a FIFO queue).
-  Selecting the adapter (set_adapter / disable_adapter) and generating happen
-  together inside that thread, so a request can never run on another request's
-  adapter. We queue rather than batch: a batch would need every row on the same
-  adapter (or PEFT's per-row adapter_names), and more memory, for throughput that
-  one person or a class trying a model out does not need. Under load a request
-  waits its turn (GET /health shows how many are pending).
+- One worker thread generates, requests start in arrival order (a FIFO queue), and
+  up to --batch_size of them (16) answer together: serving/engine.py batches the
+  requests that share an adapter and decoding settings, and a request that arrives
+  while a batch runs joins it (zhlora/refill.py). Selecting the adapter (set_adapter /
+  disable_adapter) and generating happen together inside that thread, so a request
+  can never run on another request's adapter: a request for another adapter waits
+  for the batch in front of it to end. A seeded sampling request runs alone, so its
+  seed gives the same answer whatever else is being asked. Under load a request waits
+  its turn (GET /health shows how many are pending).
 - A request that is cancelled (its client disconnected, or a stop string was hit)
-  sets a flag; a StoppingCriteria reads it after every token, so the worker is free
-  within one decoding step. A request still waiting in the queue is skipped. (This is
-  why the worker calls model.generate itself rather than generation.stream, whose
-  answer cannot be stopped once started.)
+  sets a flag; the worker reads it after every token, so the row leaves the batch
+  within one decoding step. A request still waiting in the queue is skipped.
 - Prompts come from formatting.encode_prompt, the function training used.
 - Defaults follow the demo, not OpenAI: temperature 0.7, top_p 0.9, max_tokens 256
   (capped by --max_tokens_limit and by the model's context). temperature 0 = greedy.
@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_tokens_limit", type=int, default=1024, help="the largest max_tokens a request may ask")
     parser.add_argument("--max_input_chars", type=int, default=20000,
                         help="refuse conversations longer than this many characters (before tokenising)")
+    parser.add_argument("--batch_size", type=int, default=16,
+                        help="requests answered at once (1: strictly one after another)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
     from zhlora.serving.app import Limits, build_app
     from zhlora.serving.engine import load_engine
 
-    if args.max_tokens_limit < 1 or args.max_input_chars < 1:
-        raise ConfigError("--max_tokens_limit and --max_input_chars must be >= 1")
+    if min(args.max_tokens_limit, args.max_input_chars, args.batch_size) < 1:
+        raise ConfigError("--max_tokens_limit, --max_input_chars and --batch_size must be >= 1")
     extra = parse_adapters(args.adapters)  # before the model load: a typo fails in a second
-    engine = load_engine(args.model_path, extra)
+    engine = load_engine(args.model_path, extra, args.batch_size)
     if args.host not in LOOPBACK and not args.api_key:
         print(f"zhlora serve: warning: listening on {args.host} without --api_key: anyone who can reach this "
               "port can use the model", file=sys.stderr)

@@ -28,6 +28,7 @@ from accelerate.utils import DistributedType, gather_object
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from zhlora import allocator
 from zhlora.adapter import apply_lora, count_parameters, save_trained, trainable_state
 from zhlora.config import Config, ConfigError, save_config
 from zhlora.errors import ZhloraError
@@ -345,7 +346,8 @@ def finish(run: Run, meter: Meter, last_loss: float, last_eval: float) -> dict:
                "total_params": run.total_params, "trainable_percent": 100 * trainable_n / run.total_params,
                "steps": run.step, "train_samples": len(run.train), "processes": acc.num_processes,
                "final_loss": last_loss, "final_eval_loss": last_eval, **timing,
-               "mixed_precision": acc.mixed_precision, "device": str(acc.device)}
+               "mixed_precision": acc.mixed_precision, "device": str(acc.device),
+               "allocator": allocator.active()}
     # One fingerprint per process: data-parallel replicas must end bit-identical.
     digest = hashlib.sha256()
     for name, tensor in sorted(trainable_state(acc.unwrap_model(run.model)).items()):
