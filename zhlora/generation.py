@@ -153,6 +153,8 @@ def _generate_padded(model, tokenizer, prompts, config, batch_size: int, seed: i
     """(token_ids, finished, seconds) per prompt from model.generate on fixed, left-padded batches."""
     import torch
 
+    from zhlora.refill import left_padded
+
     device = next(model.parameters()).device
     stop = config.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -160,12 +162,8 @@ def _generate_padded(model, tokenizer, prompts, config, batch_size: int, seed: i
     torch.manual_seed(seed)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):  # left padding: prompts end where answers start
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
+        ids, mask = left_padded([prompts[i] for i in chunk], tokenizer.pad_token_id)
+        width = ids.shape[1]
         began = time.perf_counter()
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)

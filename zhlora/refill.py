@@ -57,6 +57,19 @@ def _left_pad(tensor, width: int):
     return F.pad(tensor, (0, 0, missing, 0) if tensor.dim() == 4 else (missing, 0))
 
 
+def left_padded(prompts: list[list[int]], pad_id: int):
+    """(input_ids, attention_mask) of prompts padded on the left, so each ends where its answer starts."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
 def _choose(logits, config, generator):
     """The next token of each row: argmax (greedy), or a draw after temperature and top_p."""
     import torch
@@ -130,12 +143,7 @@ class Refill:
         from transformers import DynamicCache
 
         began = time.perf_counter()
-        width = max(len(prompt) for _, prompt, _ in joining)
-        ids = torch.full((len(joining), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(joining), width), dtype=torch.long)
-        for r, (_, prompt, _) in enumerate(joining):
-            ids[r, width - len(prompt):] = torch.tensor(prompt)
-            mask[r, width - len(prompt):] = 1
+        ids, mask = left_padded([prompt for _, prompt, _ in joining], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as model.generate makes them for left padding
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
