@@ -28,6 +28,7 @@ from pathlib import Path
 from zhlora import allocator, metrics
 from zhlora.cli import main as zhlora
 from zhlora.config import load_config
+from zhlora.cpu_share import CpuShare
 from zhlora.data import write_json
 from zhlora.prepare import settings_changes
 
@@ -37,6 +38,7 @@ CONFIG = "configs/quick_start.yaml"
 GENERATE_SAMPLES = 16  # with the ~45 self_cognition rows: two batches of 32 per model
 MAX_NEW_TOKENS = 64  # the longest reference (a self_cognition answer) is about 55 tokens
 EXAMPLE_TASKS = ("num2cn", "cn2num", "self_cognition")
+STAGES = ("prepare", "train", "evaluate", "plot", "demo")
 
 
 def stage(title: str, argv: list[str], timing: dict) -> None:
@@ -54,7 +56,7 @@ def main(argv: list[str]) -> int:
     cfg = load_config(CONFIG, overrides)
     allocator.use(cfg.training.allocator)  # jemalloc for every stage: may start this script again
     out, data_dir = Path(cfg.output.dir), Path(cfg.data.train_file).parent
-    began, timing = time.perf_counter(), {}
+    began, timing, share = time.perf_counter(), {}, CpuShare()
     changes = settings_changes(cfg, [], data_dir)
     if changes:
         print(f"[quick_start] making {data_dir}/ for this config: " + "; ".join(changes))
@@ -68,6 +70,7 @@ def main(argv: list[str]) -> int:
     stage("第五步 plot", ["plot", "--output_dir", str(out)], timing)
     stage("第六步 demo", ["demo", "--model_path", str(out), "--mode", "batch"], timing)
     timing["total"] = round(time.perf_counter() - began, 1)
+    timing["cpu_others_share"] = share.others()  # other programs' share of the CPU meanwhile (zhlora/cpu_share.py)
     write_json(out / "quick_start_timing.json", timing)  # atomic: a killed run leaves no half file
     report(out, data_dir, timing)
     return 0
@@ -77,7 +80,7 @@ def report(out: Path, data_dir: Path, timing: dict) -> None:
     """What a learner should see: the time, what changed per task, and answers side by side."""
     train = json.loads((out / "train_summary.json").read_text("utf-8"))
     results = json.loads((out / "evaluation_results.json").read_text("utf-8"))
-    parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timing.items() if name != "total")
+    parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timing.items() if name in STAGES)
     print(f"\n===== quick start finished in {timing['total'] / 60:.1f} min ({parts}) =====")
     print(f"trainable params  {train['trainable_params']:,} / {train['total_params']:,} "
           f"({train['trainable_percent']:.2f}%)")

@@ -93,16 +93,17 @@ def parse_variants(text: str, repeats: int, known: list[str]) -> dict[str, int]:
 def switch_variants(device: str) -> dict[str, list[str]]:
     """One zhlora variant per speed switch, each adding one switch to the one before, so each
     row of the table shows that switch's effect. zhlora_fastest is the quick start's setting
-    (configs/quick_start.yaml: bf16 weights and autocast; jemalloc is the default allocator).
-    Every variant names its allocator: training.allocator=auto would take jemalloc wherever
-    it is installed."""
+    (configs/quick_start.yaml: bf16 weights and autocast; jemalloc and the fused cross-entropy
+    are defaults). Every variant names its allocator and loss path: training.allocator=auto
+    would take jemalloc wherever it is installed."""
     bf16 = bf16_supported(device)
-    default = ["training.allocator=system"]
+    default = ["training.allocator=system", "training.fused_cross_entropy=false"]
     autocast = default + (["training.mixed_precision=bf16"] if bf16 and device == "cpu" else [])
     weights = autocast + (["model.dtype=bfloat16"] if bf16 else [])
-    fastest = [o for o in weights if o != "training.allocator=system"] + ["training.allocator=jemalloc"]
+    jemalloc = [o for o in weights if o != "training.allocator=system"] + ["training.allocator=jemalloc"]
+    fastest = [o for o in jemalloc if o != "training.fused_cross_entropy=false"] + ["training.fused_cross_entropy=true"]
     return {"zhlora_default": default, "zhlora_fast": autocast, "zhlora_bf16_weights": weights,
-            "zhlora_fastest": fastest, "zhlora_packing": fastest + ["training.packing=true"],
+            "zhlora_jemalloc": jemalloc, "zhlora_fastest": fastest, "zhlora_packing": fastest + ["training.packing=true"],
             "zhlora_low_memory": fastest + ["training.gradient_checkpointing=true"]}
 
 
@@ -163,7 +164,10 @@ def run_measured(command: list[str], log: Path, cwd: Path = REPO, env: dict | No
     wait4 gives this child's own peak resident memory (and that of any process it
     waited for), so repeats never inherit each other's peak.
     """
+    from zhlora.cpu_share import CpuShare
+
     log.parent.mkdir(parents=True, exist_ok=True)
+    share = CpuShare()  # cpu_others_share: what other programs took meanwhile (zhlora/cpu_share.py)
     started = time.perf_counter()
     with open(log, "w", encoding="utf-8") as out:
         proc = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
@@ -171,7 +175,8 @@ def run_measured(command: list[str], log: Path, cwd: Path = REPO, env: dict | No
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
     result = {"returncode": proc.returncode, "wall_seconds": time.perf_counter() - started,
-              "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "log": str(log.relative_to(REPO))}
+              "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "log": str(log.relative_to(REPO)),
+              "cpu_others_share": share.others()}
     if proc.returncode != 0:
         tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
         raise SystemExit(f"[bench] failed ({proc.returncode}): {' '.join(command)}\n" + "\n".join(tail))
@@ -218,13 +223,22 @@ def figures(run: dict, supervised: int, tokens: int) -> dict:
 
 
 def median_of(runs: list[dict]) -> dict:
-    """Median of each numeric figure over repeats, plus [min, max] of the headline one."""
-    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    out = {k: statistics.median(r[k] for r in runs) for k in keys}
-    sup = [r["supervised_tokens_per_s"] for r in runs if "supervised_tokens_per_s" in r]
+    """Median of each numeric figure over repeats, plus [min, max] of the headline one.
+
+    A run during which other programs took more than cpu_share.SHARED_ABOVE of the CPU is left
+    out (it stays in the result's `runs`, and `dropped` counts it); runs measured before the
+    share was recorded have none and count. If every run was shared, the figures are those of
+    all runs and `repeats` is 0, so no headline ratio is taken from them (summarize.best_of)."""
+    from zhlora.cpu_share import SHARED_ABOVE
+
+    kept = [r for r in runs if (r.get("cpu_others_share") or 0.0) <= SHARED_ABOVE]
+    used = kept or runs
+    keys = [k for k, v in used[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    out = {k: statistics.median(r[k] for r in used if k in r) for k in keys}
+    sup = [r["supervised_tokens_per_s"] for r in used if "supervised_tokens_per_s" in r]
     if sup:
         out["supervised_tokens_per_s_range"] = [min(sup), max(sup)]
-    out["repeats"] = len(runs)
+    out["repeats"], out["dropped"] = len(kept), len(runs) - len(kept)
     return out
 
 

@@ -26,6 +26,7 @@ import argparse
 import json
 import shutil
 import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 
 from common import (REPO, RESULTS, WORK, add_common_args, figures, machine, median_of, model_folder, parse_variants,
@@ -173,6 +174,9 @@ def main(argv=None) -> int:
             run = {**measured, "train_seconds": metrics["train_runtime"], "steps": state["global_step"]}
             fig = figures(run, counts["supervised"], counts["tokens"])
             fig["final_loss"] = metrics.get("train_loss")
+            fig["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            if measured.get("cpu_others_share") is not None:  # zhlora/cpu_share.py: others' share of the CPU
+                fig["cpu_others_share"] = measured["cpu_others_share"]
             runs[variant].append(fig)
             print(f"[bench] {name}: {fig['supervised_tokens_per_s']:.1f} supervised tok/s, "
                   f"{fig['seconds_per_step']:.2f} s/step, peak RSS {fig['peak_rss_mb']:.0f} MB")

@@ -10,14 +10,17 @@ dropout 0.05 on q_proj,v_proj, batch size, learning rate and one epoch:
   baseline             bench/baselines/hf_trainer_peft.py: HF Trainer + PEFT, every sample
                        padded to max_length, no length grouping, fp32 (the usual tutorial);
   zhlora_default       `zhlora train`, every speed switch off (fp32, dynamic padding, length
-                       grouping, answer-only logits, the system allocator);
+                       grouping, answer-only logits, the system allocator, the plain loss);
   zhlora_fast          + training.mixed_precision=bf16 (on a CPU with native bf16);
   zhlora_bf16_weights  + model.dtype=bfloat16 (frozen weights in bf16, LoRA weights fp32);
-  zhlora_fastest       + training.allocator=jemalloc (zhlora/allocator.py): the quick start's setting;
+  zhlora_jemalloc      + training.allocator=jemalloc (zhlora/allocator.py);
+  zhlora_fastest       + training.fused_cross_entropy=true (zhlora/loss.py): the quick start's setting;
   zhlora_packing       zhlora_fastest + training.packing=true;
   zhlora_low_memory    zhlora_fastest + training.gradient_checkpointing=true (for short memory).
 Each repeat runs in a fresh process (peak RSS is its own); repeats are interleaved
-(a, b, c, a, b, c, ...) so a slow phase of the machine hits every variant alike.
+(a, b, c, a, b, c, ...) so a slow phase of the machine hits every variant alike. Variants not
+named in --variants keep their rows from the last result file when it measured the same data
+with the same settings (each run records its date and the CPU share other programs took).
 
 Figures: supervised tokens/s (answer tokens the loss learns from), total tokens/s
 (real tokens, padding not counted), seconds per optimizer step, peak RSS; medians
@@ -31,8 +34,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import datetime, timezone
+from pathlib import Path
 
-from common import (WORK, add_common_args, figures, machine, median_of, model_folder, result_name, parse_variants,
+from common import (RESULTS, WORK, add_common_args, figures, machine, median_of, model_folder, result_name, parse_variants,
                     run_measured, run_zhlora, switch_variants, token_counts, write_result, write_subset)
 
 BASELINE = "bench/baselines/hf_trainer_peft.py"
@@ -80,14 +85,34 @@ def main(argv=None) -> int:
                 run = run_zhlora(args, model, data_file, name, switches[variant])
                 fig = figures(run, run["supervised"], counts["tokens"])
             fig["final_loss"] = run["final_loss"]
+            fig["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             if "allocator" in run:
                 fig["allocator"] = run["allocator"]
+            if run.get("cpu_others_share") is not None:  # zhlora/cpu_share.py: others' share of the CPU meanwhile
+                fig["cpu_others_share"] = run["cpu_others_share"]
             if run.get("peak_gpu_mb") is not None:
                 fig["peak_gpu_mb"] = run["peak_gpu_mb"]
             runs[variant].append(fig)
             print(f"[bench] {name}: {fig['supervised_tokens_per_s']:.1f} supervised tok/s, "
                   f"{fig['seconds_per_step']:.2f} s/step, peak RSS {fig['peak_rss_mb']:.0f} MB")
+    write_throughput(args, switches, data_file, counts, runs, steady)
+    return 0
 
+
+def write_throughput(args, switches: dict, data_file: Path, counts: dict, runs: dict, steady: list[dict]) -> None:
+    """results/train_throughput*.json: this invocation's runs, the earlier rows it did not renew
+    (keep_earlier), medians and ratios to the baseline."""
+    overrides = {v: switches[v] for v in runs if v in switches}
+    here = machine(args.device)
+    settings = {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
+                "max_length": args.max_length, "learning_rate": args.learning_rate, "repeats": args.repeats,
+                "lora": "r16 a32 d0.05 q_proj,v_proj", "first_step": "included for every runner"}
+    kept = keep_earlier(result_name("train_throughput", args.device, args.workload), data_file.name, settings, runs,
+                        here, switches)
+    for variant, earlier_runs in kept.items():
+        runs[variant] = earlier_runs
+        if variant in switches:
+            overrides[variant] = switches[variant]
     medians = {v: median_of(r) for v, r in runs.items()}
     base = medians.get("baseline")
     ratios = {}
@@ -97,14 +122,28 @@ def main(argv=None) -> int:
                          "tokens_per_s": m["tokens_per_s"] / base["tokens_per_s"],
                          "peak_rss": m["peak_rss_mb"] / base["peak_rss_mb"]}
     write_result(result_name("train_throughput", args.device, args.workload), {
-        "machine": machine(args.device), "data": {"file": data_file.name, "workload": args.workload, **counts},
-        "settings": {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
-                     "max_length": args.max_length, "learning_rate": args.learning_rate, "repeats": args.repeats,
-                     "lora": "r16 a32 d0.05 q_proj,v_proj", "first_step": "included for every runner",
-                     "overrides": {v: switches[v] for v in variants if v in switches}},
+        "machine": here, "data": {"file": data_file.name, "workload": args.workload, **counts},
+        "settings": {**settings, "overrides": overrides},
         "median": medians, "ratio_to_baseline": ratios, "runs": runs,
         "baseline_steady": median_of(steady) if steady else None})
-    return 0
+
+
+def keep_earlier(name: str, data_file: str, settings: dict, runs: dict, here: dict, switches: dict) -> dict:
+    """{variant: runs} of the last result file's variants that this invocation did not run, when that
+    file measured the same data with the same settings on this machine, and only those whose
+    overrides are still what the variant means now (a switch added since makes an old row another
+    setting): `--variants a,b` adds or renews rows without dropping the rest. Each run keeps its date."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    same = earlier.get("machine") == here and earlier.get("data", {}).get("file") == data_file and all(
+        earlier.get("settings", {}).get(k) == v for k, v in settings.items() if k != "repeats")
+    if not same:
+        return {}
+    recorded = earlier["settings"].get("overrides", {})
+    return {v: r for v, r in earlier.get("runs", {}).items()
+            if v not in runs and recorded.get(v) == switches.get(v)}
 
 
 if __name__ == "__main__":

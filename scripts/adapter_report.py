@@ -44,20 +44,22 @@ def load_scores(value: str, results: str | None) -> tuple[str, dict]:
     return name, data["adapters"][name]
 
 
-METRICS = {  # the per_task keys zhlora evaluate writes, and what each means
-    "exact_match": "Exact match: the share of test rows whose answer passes tasks.check_answer (greedy decoding).",
-    "avg_similarity": "Similarity: mean character similarity of answer and reference (difflib ratio, 0 to 1).",
-    "rouge_l": "ROUGE-L: F x 100 of the longest common subsequence of jieba words.",
+METRICS = {  # the per_task keys zhlora evaluate writes: (Chinese name, what it means, divisor to a 0-1 scale)
+    "exact_match": ("精确匹配", "答案通过该任务检查的行的比例（贪心解码）", 1),
+    "avg_similarity": ("字符相似度", "回答与参考答案按字符比较的相似度（difflib，0 到 1）的平均", 1),
+    "rouge_l": ("ROUGE-L", "jieba 分词后最长公共子序列的 F 值（evaluate 的 ×100 值除以 100）", 100),
 }
 
 
 def score(result: dict, task: str, metric: str) -> float | None:
-    return result["per_task"].get(task, {}).get(metric)
+    value = result["per_task"].get(task, {}).get(metric)
+    return None if value is None else value / METRICS[metric][2]
 
 
 def report(task_adapters: list[tuple[str, dict]], all_tasks: tuple[str, dict], merged: list[tuple[str, dict]],
            metric: str = "exact_match") -> str:
-    """One Markdown table: a row per checkable task of the task adapters, then the mean over tasks."""
+    """One Markdown table (in Chinese, for the guide): a row per checkable task of the task adapters,
+    then each column over all its rows pooled (every row weighs the same, as evaluate's headline)."""
     owner: dict[str, tuple[str, dict]] = {}  # task -> the (first) task adapter scored on it
     for label, result in task_adapters:
         for task, row in result["per_task"].items():
@@ -66,27 +68,33 @@ def report(task_adapters: list[tuple[str, dict]], all_tasks: tuple[str, dict], m
     tasks = sorted(owner)
     columns = [[owner[t][1] for t in tasks], [all_tasks[1]] * len(tasks), *([m[1]] * len(tasks) for m in merged)]
 
+    def rows(result: dict, task: str) -> int:
+        return result["per_task"].get(task, {}).get("n", 0)
+
     def cell(result: dict, task: str) -> str:
-        value, n = score(result, task, metric), result["per_task"].get(task, {}).get("n")
+        value = score(result, task, metric)
         if value is None:
             return "-"
-        other_rows = f" (n={n})" if n != owner[task][1]["per_task"][task]["n"] else ""  # max_samples cut elsewhere
+        other_rows = f"（{rows(result, task)} 行）" if rows(result, task) != rows(owner[task][1], task) else ""
         return f"{value:.3f}{other_rows}"
 
-    def mean(column: list[dict]) -> str:  # '-' when a task is missing: means over other tasks do not compare
-        values = [score(result, task, metric) for result, task in zip(column, tasks)]
-        return "-" if not values or None in values else f"{sum(values) / len(values):.3f}"
+    def pooled(column: list[dict]) -> str:  # '-' when a task is missing: a total over other rows does not compare
+        pairs = [(score(result, task, metric), rows(result, task)) for result, task in zip(column, tasks)]
+        if not pairs or any(v is None for v, _ in pairs) or not sum(n for _, n in pairs):
+            return "-"
+        return f"{sum(v * n for v, n in pairs) / sum(n for _, n in pairs):.3f}"
 
-    lines = [f"**{metric}**", "", f"| task | n | task adapter | all tasks (`{all_tasks[0]}`) | "
-             + "".join(f"merge (`{name}`) | " for name, _ in merged).rstrip(),
+    name, meaning, _ = METRICS[metric]
+    lines = [f"**{name}（{metric}）**", "", f"| 任务 | 行数 | 单任务 adapter | 全部任务（`{all_tasks[0]}`） | "
+             + "".join(f"合并（`{label}`） | " for label, _ in merged).rstrip(),
              "|---|---:|---:|" + "---:|" * (1 + len(merged))]
     for k, task in enumerate(tasks):
         label, result = owner[task]
-        lines.append(f"| {task} | {result['per_task'][task]['n']} | {cell(result, task)} (`{label}`) | "
+        lines.append(f"| {task} | {rows(result, task)} | {cell(result, task)}（`{label}`） | "
                      + " | ".join(cell(column[k], task) for column in columns[1:]) + " |")
-    lines.append("| **mean over tasks** | | " + " | ".join(mean(column) for column in columns) + " |")
-    notes = ["", METRICS[metric] + " Each task adapter is scored only on the tasks it was trained on; "
-             "'-': not scored on that task."]
+    lines.append("| **全部行合计** | | " + " | ".join(pooled(column) for column in columns) + " |")
+    notes = ["", f"{name}：{meaning}。合计按行加权（每一行分量相同，与 `zhlora evaluate` 的总分一致）；"
+             "每个单任务 adapter 只在它训练过的任务上评分；“-”表示没有在该任务上评分。"]
     return "\n".join(lines + notes) + "\n"
 
 

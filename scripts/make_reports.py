@@ -44,14 +44,14 @@ from functools import lru_cache
 from pathlib import Path
 
 from zhlora.files import write_atomic
-from zhlora.metrics import SCORED_APART, metric_label
+from zhlora.metrics import LABELS, SCORED_APART
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE, REPORT, SNAPSHOT = Path("docs/guide.md"), Path("docs/results/performance.md"), Path("docs/results/data")
 RUN_FILES = ("config.yaml", "train_summary.json", "evaluation_results.json", "training_history.jsonl")
 MARKER = re.compile(r"(<!-- BEGIN GENERATED: ([\w-]+) -->\n)(.*?)(<!-- END GENERATED: \2 -->)", re.S)
 NOTE = "<!-- 本节由 scripts/make_reports.py 生成，请勿手改；改数据后重新运行它 -->"
-NOT_YET = "**尚未测量（not yet measured）。**"
+NOT_YET = "**尚未测量。**"
 REGENERATE = "再运行 `python scripts/make_reports.py`。"
 MB = 2 ** 20
 
@@ -73,6 +73,7 @@ BENCH_TARGETS = {
     "speedup_vs_llamafactory": ("训练有监督 token/s，相对 LLaMA-Factory 在本机的最好设置（混合数据）", ">=", 2.5),
     "speedup_vs_llamafactory_alpaca_zh_demo": ("同上，只用 alpaca_zh_demo.json（长答案）", ">=", 2.5),
     "speedup_low_memory_vs_llamafactory": ("省内存设置（梯度检查点）的速度，相对 LLaMA-Factory 最好设置", ">=", 2.0),
+    "speedup_low_memory_vs_llamafactory_default": ("省内存设置的速度，相对 LLaMA-Factory 默认设置（同一内存标准）", ">=", 2.0),
     "peak_rss_mb_low_memory": ("省内存设置的峰值 RSS（MB），不超过 LLaMA-Factory 默认设置", "<=",
                                "llamafactory_default_peak_rss_mb"),
     "speedup_batched": ("生成 token/s：补位批量贪心 vs 逐条贪心", ">=", 8.0),
@@ -91,8 +92,8 @@ FAQ = [("不收敛：学习率过大", "lr_high", "lr_ok",
        ("内存不足：batch 太大", "mem_batch16", "mem_accum8",
         [("peak_memory_mb", "峰值内存 MB"), ("seconds_per_step", "秒/步"), ("final_loss", "最后训练 loss")]),
        ("训练太慢：fp32、不分组", "slow_fp32", "fast_bf16_packing",
-        [("supervised_tokens_per_s", "有监督 token/s"), ("seconds_per_step", "秒/步"),
-         ("peak_memory_mb", "峰值内存 MB")])]
+        # tokens/s, not s/step: packing makes each step longer (more tokens), which is the point
+        [("supervised_tokens_per_s", "有监督 token/s"), ("peak_memory_mb", "峰值内存 MB")])]
 EXPERIMENT_ORDER = ["baseline", "r_ablation", "lr_ablation", "data_size", "target_modules", "lora_vs_full"]
 
 
@@ -155,12 +156,28 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 # ---- collect ------------------------------------------------------------------------------------
 
-def _replace(target: Path, base: Path, files: list[Path]) -> list[str]:
-    """Make target hold exactly these files (paths kept relative to base)."""
+TEXT_SUFFIXES = (".json", ".jsonl", ".yaml", ".md", ".csv")
+
+
+def without_machine_paths(text: str, root: Path) -> str:
+    """A result file's text with this machine's paths made relative: the repository's to the repo
+    (runs/x, not /home/me/zhlora/runs/x), the home folder's to ~ (~/.cache/zhlora/...)."""
+    for prefix, short in ((str(root.resolve()) + "/", ""), (str(root) + "/", ""), (str(Path.home()) + "/", "~/")):
+        text = text.replace(prefix, short)
+    return text
+
+
+def _replace(root: Path, target: Path, base: Path, files: list[Path]) -> list[str]:
+    """Make target hold exactly these files (paths kept relative to base); text files lose this
+    machine's absolute paths (without_machine_paths), so no committed result names one."""
     shutil.rmtree(target, ignore_errors=True)
     for f in files:
-        (target / f.relative_to(base)).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(f, target / f.relative_to(base))
+        dest = target / f.relative_to(base)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if f.suffix in TEXT_SUFFIXES:
+            dest.write_text(without_machine_paths(f.read_text(encoding="utf-8"), root), encoding="utf-8")
+        else:
+            shutil.copyfile(f, dest)
     return [str(f) for f in files]
 
 
@@ -173,33 +190,36 @@ def collect(root: Path) -> list[str]:
     data, copied = root / SNAPSHOT, []
     for results in sorted((root / "runs").glob("*/results.csv")):
         exp = results.parent
-        files = [f for f in sorted(exp.iterdir()) if f.suffix in (".csv", ".md", ".png")]
-        files += [f for seed in sorted(exp.glob("*/seed*")) for f in _run_files(seed)]
-        copied += _replace(data / "experiments" / exp.name, exp, files)
+        files = [f for f in sorted(exp.iterdir()) if f.suffix in (".csv", ".md", ".png")
+                 or f.name == "comparisons.json"]
+        # predictions.jsonl too: the paired verdicts (comparisons.json) are computed from its rows
+        files += [f for seed in sorted(exp.glob("*/seed*"))
+                  for f in [*_run_files(seed), seed / "predictions.jsonl"] if f.is_file()]
+        copied += _replace(root, data / "experiments" / exp.name, exp, files)
     outputs = root / "outputs"
     if (outputs / "train_summary.json").is_file():
         extra = [outputs / name for name in QUICK_START_EXTRA if (outputs / name).is_file()]
-        copied += _replace(data / "outputs", outputs, _run_files(outputs) + extra + sorted(outputs.glob("*.png")))
+        copied += _replace(root, data / "outputs", outputs, _run_files(outputs) + extra + sorted(outputs.glob("*.png")))
     default_run = root / "runs" / "default_run"
     if (default_run / "evaluation_results.json").is_file():
         timing = [default_run / MAIN_PATH_TIMING] if (default_run / MAIN_PATH_TIMING).is_file() else []
-        copied += _replace(data / "default_run", default_run, _run_files(default_run) + timing)
+        copied += _replace(root, data / "default_run", default_run, _run_files(default_run) + timing)
     for case in sorted((root / "runs" / "faq").glob("*/training_history.jsonl")):
-        copied += _replace(data / "faq" / case.parent.name, case.parent, _run_files(case.parent))
+        copied += _replace(root, data / "faq" / case.parent.name, case.parent, _run_files(case.parent))
     adapters = root / "runs" / "adapters_eval"
     if (adapters / "report.md").is_file():
-        copied += _replace(data / "advanced" / "adapters_eval", adapters,
+        copied += _replace(root, data / "advanced" / "adapters_eval", adapters,
                            [adapters / n for n in ("report.md", "evaluation_results.json") if (adapters / n).is_file()])
     for name in ("distill", "distill_labels_only"):
         run = root / "runs" / name
         if (run / "evaluation_results.json").is_file():
-            copied += _replace(data / "advanced" / name, run, _run_files(run))
+            copied += _replace(root, data / "advanced" / name, run, _run_files(run))
     bench = sorted((root / "bench" / "results").glob("*.json"))
     if bench:
-        copied += _replace(data / "bench", root / "bench" / "results", bench)
+        copied += _replace(root, data / "bench", root / "bench" / "results", bench)
     export = root / "export"
     if (export / "verify_report.json").is_file():
-        copied += _replace(data / "export", export, [export / n for n in EXPORT_FILES if (export / n).is_file()])
+        copied += _replace(root, data / "export", export, [export / n for n in EXPORT_FILES if (export / n).is_file()])
     return copied
 
 
@@ -338,20 +358,29 @@ def claim_storage(lora: dict, full: dict) -> tuple | None:
 
 
 def claim_quality(lora: dict, full: dict) -> tuple | None:
+    """The quality claim, judged by comparisons.json (full minus LoRA, experiment_compare.py): a side is
+    better only where the 95% interval of the difference excludes 0."""
     el, ef = number(lora.get("exact_match_mean")), number(full.get("exact_match_mean"))
-    if el is None or ef is None:
+    compared = full.get("comparison") or {}
+    if el is None or ef is None or not compared:
         return None
-    noise = (number(lora.get("exact_match_std")) or 0) + (number(full.get("exact_match_std")) or 0)
-    gap = el - ef
-    verdict = "相当" if abs(gap) <= max(noise, 0.02) else ("LoRA 更好" if gap > 0 else "全量更好")
+    words = {"higher": "全量更好", "lower": "LoRA 更好", "same": "相当", "unknown": "无法判断"}
+    loss_words = {"higher": "LoRA 更好", "lower": "全量更好", "same": "相当", "unknown": "无法判断"}  # lower loss wins
+
+    def said(metric: str, names: dict) -> str:
+        r = compared.get(metric) or {}
+        ci = r.get("ci")
+        return (f"{METRIC_WORDS[metric]} 全量 − LoRA = {r['diff']:+.3f}" + (f"，95% 区间 [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+                + f" → {names[r.get('verdict', 'unknown')]}") if r.get("diff") is not None else ""
+
+    verdict = words[(compared.get("exact_match") or {}).get("verdict", "unknown")]
     train_l, train_f = lora["config"].get("training", {}), full["config"].get("training", {})
     samples = lora["evaluation"].get("settings", {}).get("max_samples") or "全部"
-    return ("精确匹配", mean_std(lora, "exact_match"), mean_std(full, "exact_match"), f"{gap:+.3f}", "接近全量", verdict,
+    parts = [x for x in (said("exact_match", words), said("avg_similarity", words), said("test_loss", loss_words)) if x]
+    return ("精确匹配", mean_std(lora, "exact_match"), mean_std(full, "exact_match"), f"{el - ef:+.3f}", "接近全量", verdict,
             f"两者都训练 {lora['summary'].get('steps', '?')} 步（batch {train_l.get('batch_size', '?')}），学习率 LoRA "
             f"{train_l.get('learning_rate', '?')}、全量 {train_f.get('learning_rate', '?')}；测试集前 {samples} 条，贪心解码，"
-            f"{lora.get('seeds', '?')} 个种子。差 {gap:+.3f}，种子间标准差之和 {noise:.3f}："
-            + ("差距在波动之内。" if verdict == "相当" else "差距超出波动。")
-            + f"测试 loss：LoRA {mean_std(lora, 'test_loss')}，全量 {mean_std(full, 'test_loss')}。")
+            f"{lora.get('seeds', '?')} 个种子。" + "；".join(parts) + "（精确匹配与字符相似度逐行配对，测试 loss 按种子配对）。")
 
 
 CLAIMS_CHECKED = [claim_params, claim_time, claim_memory, claim_storage, claim_quality]
@@ -367,6 +396,8 @@ def section_lora_vs_full(root: Path, data: Path, link: str) -> str:
     lora, full = (_pick(rows, "lora"), _pick(rows, "full")) if rows else (None, None)
     if not (lora and full):
         return f"{NOT_YET} 运行 `zhlora experiment configs/experiments/lora_vs_full.yaml`，{REGENERATE}"
+    compared = read_json(data / "experiments" / "lora_vs_full" / "comparisons.json") or {}
+    full["comparison"] = compared.get("points", {}).get(full["point"]) if compared.get("reference") == lora["point"] else None
     model = lora["summary"].get("model") or lora["config"].get("model", {}).get("name", "?")
     lines = [f"`zhlora experiment configs/experiments/lora_vs_full.yaml`，模型 `{model}`，设备 "
              f"`{lora['summary'].get('device', '?')}`，混合精度 `{lora['summary'].get('mixed_precision', '?')}`。"
@@ -387,6 +418,12 @@ def machine_words(m: dict | None) -> str:
         return "未记录"
     where = m.get("gpu") or f"{m.get('cpu', '?')}，{m.get('cores', '?')} 核"
     return f"{where}，内存 {m.get('memory_gb', '?')} GB，torch {m.get('torch', '?')}"
+
+
+def date_words(stamp: str | None) -> str:
+    """'2026-11-30T17:13:16+00:00' -> '2026 年 11 月 30 日'."""
+    match = re.match(r"(\d{4})-(\d{2})-(\d{2})", stamp or "")
+    return f"{match[1]} 年 {int(match[2])} 月 {int(match[3])} 日" if match else "未记录"
 
 
 def bench_targets(summary: dict) -> list[str]:
@@ -423,7 +460,7 @@ def section_bench(root: Path, data: Path, link: str) -> str:
     if not isinstance(summary, dict):
         return (f"{NOT_YET} `bench/results/` 里还没有结果。运行 " + "、".join(f"`{c}`" for c in BENCH_COMMANDS)
                 + "，" + REGENERATE)
-    lines = [f"机器：{machine_words(summary.get('machine'))}；日期：{summary.get('date', '未记录')}。"
+    lines = [f"机器：{machine_words(summary.get('machine'))}；日期：{date_words(summary.get('date'))}。"
              "每个数字是空闲机器上至少 3 次重复的中位数（只跑一次的行注明重复次数 1）。", "", *bench_targets(summary)]
     for title, suffix in (("混合数据（生成任务 + alpaca_zh_demo.json）", ""), ("只用 alpaca_zh_demo.json（长答案）",
                                                                            "_alpaca_zh_demo")):
@@ -447,15 +484,12 @@ MAIN_PATH_TIMING = "main_path_timing.json"  # outputs/ files beyond RUN_FILES
 STAGES = [("prepare", "第二步 数据"), ("train", "第三步 训练"), ("evaluate", "第四步 评估"), ("plot", "第五步 画图"),
           ("demo", "第六步 演示")]
 # The metrics the quick-start section shows, each defined once, in Chinese, for a learner.
-DEFINED = [("exact_match", "答案与参考答案完全一致（按任务规范化，例如去掉句末句号）的比例。"
-                           "有唯一正确答案的任务用教师强制判定：把参考答案接在问题后面做一次前向计算，"
-                           "若每个参考 token 和其后的结束符都是模型概率最高的那个，贪心解码就一定逐字写出它。"
-                           "“自我认知”（self_cognition）不求一字不差，回答里同时说出名字“小知”和“zhlora”就算对，"
-                           "它单独列出，不计入平均。"),
-           ("success_rate", "回答非空、并在 max_new_tokens 之内输出了结束符的比例。它只说明模型学会了“答完就停”，"
-                            "不说明答得对。"),
-           ("avg_similarity", "difflib 按字符比较回答与参考答案，0 到 1，只在真正生成的行上计算。"),
-           ("test_loss", "测试集答案 token 上的平均交叉熵，越低说明模型给参考答案的概率越高。")]
+DEFINED = ["exact_match", "success_rate", "avg_similarity", "test_loss"]  # defined once: the guide's step 4
+
+
+def zh_label(key: str) -> str:
+    """A metric's Chinese name with its results key: 精确匹配（exact_match）."""
+    return f"{LABELS[key][0]}（{key}）"
 
 
 def section_quick_start(root: Path, data: Path, link: str) -> str:
@@ -467,8 +501,12 @@ def section_quick_start(root: Path, data: Path, link: str) -> str:
     lines = [f"`outputs/` 中的一次运行（模型 `{summary.get('model')}`，设备 `{summary.get('device')}`，"
              f"混合精度 `{summary.get('mixed_precision')}`）：", ""]
     if timing:
-        lines += [f"总用时 {timing['total'] / 60:.1f} 分钟：" + "，".join(
-            f"{zh} {timing[key]:.0f} 秒" for key, zh in STAGES if key in timing) + "。", ""]
+        share = timing.get("cpu_others_share")
+        alone = ("" if share is None else
+                 f"运行期间其他程序占用 CPU {100 * share:.1f}%（{'独占，计时有效' if share <= 0.05 else '有干扰，计时仅供参考'}）；")
+        lines += [f"总用时 {timing['total'] / 60:.1f} 分钟（一次运行）：" + "，".join(
+            f"{zh} {timing[key]:.0f} 秒" for key, zh in STAGES if key in timing) + "。" + alone
+            + (f"评估占总用时的 {100 * timing['evaluate'] / timing['total']:.0f}%。" if "evaluate" in timing else ""), ""]
     lines += [*table(["训练", "数值"], [
         ["可训练参数", f"{summary['trainable_params']:,} / {summary['total_params']:,} "
                       f"（{summary['trainable_percent']:.2f}%）"],
@@ -513,11 +551,11 @@ def quick_start_results(results: dict) -> list[str]:
                   + (f"（只有生成判对 {agree['generated_only']} 行，只有教师强制判对 {agree['forced_only']} 行）"
                      if "generated_only" in agree else "") + "。教师强制要求逐 token 一致，比按文本规范化后的比较更严。", ""]
     lines += table(["指标", "微调前（基座）", "微调后（LoRA）", "差", "差的 95% 区间（逐行配对）"],
-                   [[metric_label(k), fmt(base.get(k)), fmt(results.get(k)),
+                   [[zh_label(k), fmt(base.get(k)), fmt(results.get(k)),
                      "-" if results.get(k) is None or base.get(k) is None else f"{results[k] - base[k]:+.3f}",
                      _interval((results.get("delta_ci") or {}).get(k))]
-                    for k, _ in DEFINED if k in results])
-    return [*lines, "", *(f"- **{metric_label(k)}**：{text}" for k, text in DEFINED)]
+                    for k in DEFINED if k in results])
+    return [*lines, "", "各指标的定义见“第四步：评估”的指标表。"]
 
 
 def demo_examples(path: Path, per_task: int = 1) -> list[str]:
@@ -661,37 +699,65 @@ def section_faq(root: Path, data: Path, link: str) -> str:
 
 
 def _experiment_size(path: Path) -> str:
-    """The estimate an experiment YAML's header gives, from its "Size:" line to the next paragraph."""
-    if not path.is_file():
+    """The size of an experiment, in Chinese, computed from its YAML (points x seeds, steps, test rows)."""
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
         return ""
-    comment = [line[1:].strip() for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")]
-    start = next((i for i, c in enumerate(comment) if c.startswith("Size:")), None)
-    if start is None:
-        return ""
-    end = next((i for i in range(start + 1, len(comment)) if comment[i].startswith(("Scale by", "Disk:"))), len(comment))
-    return "（YAML 头注释的估计）" + " ".join(comment[start:end])
+    points = math.prod(len(v) for v in (raw.get("grid") or {}).values())
+    seeds = 1 if raw.get("baseline_only") else len(raw.get("seeds") or [None])
+    steps = next((o.split("=", 1)[1] for o in raw.get("overrides") or [] if o.startswith("training.max_steps=")), None)
+    rows = (raw.get("evaluate") or {}).get("max_samples")
+    tested = f"各在{'全部' if rows is None else f' {rows} 条'}测试行上评估"
+    if raw.get("baseline_only"):
+        return f"（不训练，只评估未训练的基座；{tested}）"
+    length = f"，每次 {steps} 步" if steps else ""
+    return f"（{points} 个点 × {seeds} 个种子 = {points * seeds} 次训练{length}；{tested}）"
 
 
-def _best_sentence(rows: list[dict]) -> str:
-    ranked = sorted((r for r in rows if number(r.get("exact_match_mean")) is not None),
-                    key=lambda r: -number(r["exact_match_mean"]))
-    if len(ranked) < 2:
+VERDICT_WORDS = {"higher": "更高", "lower": "更低", "same": "相当（区间含 0）", "unknown": "无法判断（不足两个种子）"}
+METRIC_WORDS = {"exact_match": "精确匹配", "avg_similarity": "字符相似度", "test_loss": "测试 loss"}
+
+
+def verdict_lines(comparisons: dict | None) -> list[str]:
+    """One sentence per point against the reference: each metric's difference, its 95% interval and
+    the verdict the interval gives (experiment_compare.py); nothing is ranked by hand."""
+    if not comparisons:
+        return []
+    seeds = len(comparisons.get("seeds") or [])
+    lines = [f"与参照点 `{comparisons['reference']}` 逐个比较（精确匹配与字符相似度：同一批测试行逐行配对，"
+             "每行先对种子取平均，区间反映测试题的抽样误差；测试 loss：按种子配对的 t 区间；95% 区间不含 0 才算有差别"
+             + ("；只有 1 个种子，换种子带来的波动不在区间里" if seeds == 1 else "") + "）：", ""]
+    for point, result in comparisons["points"].items():
+        parts = []
+        for metric, word in METRIC_WORDS.items():
+            r = result.get(metric) or {}
+            if r.get("diff") is None:
+                continue
+            ci = r.get("ci")
+            interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+            parts.append(f"{word} {r['diff']:+.3f}{interval} → {VERDICT_WORDS[r['verdict']]}")
+        lines.append(f"- `{point}`：" + "；".join(parts) + "。")
+    return lines
+
+
+def timed_cell(row: dict, name: str, digits: int = 1) -> str:
+    """A time or memory cell: the median (range) of the runs that had the CPU alone, or empty."""
+    value = number(row.get(name))
+    if value is None:
         return ""
-    best, second = ranked[:2]
-    gap = number(best["exact_match_mean"]) - number(second["exact_match_mean"])
-    stds = [number(best.get("exact_match_std")), number(second.get("exact_match_std"))]
-    if None in stds:
-        return f"精确匹配最高：`{best['point']}`（只有一个种子，无法判断是否超出波动）。"
-    noise = sum(stds)
-    return (f"精确匹配最高：`{best['point']}`，比第二名 `{second['point']}` 高 {gap:.3f}；两者标准差之和 "
-            f"{noise:.3f}，" + ("差距超出种子间波动。" if gap > noise else "差距在种子间波动之内，分不出高下。"))
+    span = row.get(f"{name}_range") or ""
+    low, _, high = span.partition("~")  # experiment.collect writes "low~high"
+    return fmt(value, digits) + (f"（{fmt(number(low), digits)}–{fmt(number(high), digits)}）" if high else "")
 
 
 def section_experiments(root: Path, data: Path, link: str) -> str:
     configs = root / "configs" / "experiments"
     names = {p.stem for p in configs.glob("*.yaml")} | {p.name for p in (data / "experiments").glob("*") if p.is_dir()}
     names = sorted(names, key=lambda n: (EXPERIMENT_ORDER.index(n) if n in EXPERIMENT_ORDER else 99, n))
-    lines = []
+    lines = ["各表的指标：精确匹配（exact_match，答案与参考逐字相同的比例，0-1）、字符相似度（avg_similarity，"
+             "0-1）、测试 loss（test_loss，测试集回答部分每个 token 的平均交叉熵，越低越好），均为各种子的均值 ± 标准差。"
+             "速度（监督 token/s）与峰值内存只取独占 CPU 的运行（`train_summary.json` 的 `cpu_others_share` ≤ 0.05），"
+             "至少 3 次时给中位数（范围），否则留空。", ""]
     for name in names:
         size = _experiment_size(configs / f"{name}.yaml")
         lines += [f"#### {name}", "", f"`zhlora experiment configs/experiments/{name}.yaml`" + (f" {size}" if size else ""), ""]
@@ -699,14 +765,14 @@ def section_experiments(root: Path, data: Path, link: str) -> str:
         if not rows:
             lines += [f"{NOT_YET} 运行上面的命令，{REGENERATE}", ""]
             continue
-        lines += table(["点", "种子", "精确匹配", "字符相似度", "测试 loss", "可训练参数", "秒/步", "峰值内存 MB",
+        lines += table(["点", "种子数", "精确匹配", "字符相似度", "测试 loss", "可训练参数", "监督 token/s", "峰值内存 MB",
                         "保存大小 MB"],
                        [[f"`{r['point']}`", r.get("seeds", ""), mean_std(r, "exact_match"), mean_std(r, "avg_similarity"),
                          mean_std(r, "test_loss"), fmt(number(r.get("trainable_params"))),
-                         fmt(number(r.get("seconds_per_step"))), fmt(number(r.get("peak_memory_mb"))),
+                         timed_cell(r, "supervised_tokens_per_s"), timed_cell(r, "peak_memory_mb", 0),
                          fmt(number(r.get("adapter_size_mb")) or number(r.get("model_size_mb")))] for r in rows])
-        sentence = _best_sentence(rows)
-        lines += ["", *([sentence, ""] if sentence else [])]
+        verdicts = verdict_lines(read_json(data / "experiments" / name / "comparisons.json"))
+        lines += ["", *([*verdicts, ""] if verdicts else [])]
         lines += [f"![{p.stem}]({link}/experiments/{name}/{p.name})"
                   for p in sorted((data / "experiments" / name).glob("*.png"))]
         lines.append("")
@@ -752,27 +818,26 @@ def section_distill(root: Path, data: Path, link: str) -> str:
                 f"training.distill_teacher=outputs output.dir=runs/distill` 与 `zhlora evaluate --model_path runs/distill`，"
                 + REGENERATE)
     metrics = ("exact_match", "success_rate", "avg_similarity", "rouge_l", "test_loss")
-    rows = [["学生，蒸馏前（抽层后的模型，无 adapter）", *(fmt(student.get("baseline", {}).get(m)) for m in metrics)],
-            ["学生，蒸馏后", *(fmt(student.get(m)) for m in metrics)],
-            *([["学生，只用标签训练（同样设置，不用教师）", *(fmt(labels_only.get(m)) for m in metrics)]]
-              if labels_only else []),
-            ["教师（当时的 outputs/：旧版快速上手，100 步、12 类任务，30 层）", *(fmt(teacher.get(m)) for m in metrics)]]
+
+    def cells(results: dict) -> list[str]:  # rouge_l on the 0-1 scale of the others (the guide's step 4)
+        return [fmt(None if results.get(m) is None else results[m] / (100 if m == "rouge_l" else 1)) for m in metrics]
+
+    rows = [["学生，蒸馏前（抽层后的模型，无 adapter）", *cells(student.get("baseline", {}))],
+            ["学生，蒸馏后", *cells(student)],
+            *([["学生，只用标签训练（同样设置，不用教师）", *cells(labels_only)]] if labels_only else []),
+            ["教师（当时的 outputs/：旧版快速上手，100 步、12 类任务，30 层）", *cells(teacher)]]
     settings = student.get("settings", {})
     lines = [f"学生：{summary.get('total_params', 0):,} 个参数，其中 LoRA 可训练 {summary.get('trainable_params', 0):,} 个；"
-             f"训练 {summary.get('steps')} 步，{fmt(summary.get('seconds_per_step'))} 秒/步，"
-             f"峰值内存 {fmt(summary.get('peak_memory_mb'))} MB"
-             + (f"（只用标签：{fmt(labels_summary.get('seconds_per_step'))} 秒/步，"
-                f"{fmt(labels_summary.get('peak_memory_mb'))} MB）" if labels_summary else "")
-             + f"。评估：测试集前 {settings.get('max_samples') or '全部'} 条，贪心解码。", "",
-             *table(["模型", *map(metric_label, metrics)], rows)]
+             f"训练 {summary.get('steps')} 步（时间和内存只跑了一次，按本指南的计时规则不列出）"
+             f"。评估：测试集前 {settings.get('max_samples') or '全部'} 条，贪心解码。", "",
+             *table(["模型", *map(zh_label, metrics)], rows)]
     losses = [number((r or {}).get("test_loss")) for r in (student, labels_only)]
-    if all(x is not None and math.isfinite(x) for x in losses):  # the teacher's effect, in words chosen by the numbers
-        better = losses[0] < losses[1]
-        lines += ["", f"同样的学生、同样的步数，蒸馏后的测试 loss 是 {fmt(losses[0])}，只用标签训练是 "
-                  f"{fmt(losses[1])}：按测试 loss，这一次教师{'帮了忙' if better else '没有帮上忙'}。"
-                  + ("" if better else "在这么小的规模上这并不意外：学生比教师小、训练步数少，它先要学会回答的格式，"
-                     "而 KL 项分走了 1 − `training.distill_alpha` 的权重。可以试更大的 `training.distill_alpha`"
-                     "（更信标签）、更多步数，或与学生差距更小的教师。")]
+    if all(x is not None and math.isfinite(x) for x in losses):  # said as measured: one run each, no verdict
+        lines += ["", f"同样的学生、同样的步数，蒸馏后的测试 loss 是 {fmt(losses[0])}，只用标签训练是 {fmt(losses[1])}"
+                  f"（差 {losses[0] - losses[1]:+.3f}）。两边各只训练了一次，这个差别有多少来自随机种子无法判断，"
+                  "所以这里不下“教师有没有帮上忙”的结论。可以试的方向：学生的层数只有教师的一半，"
+                  "KL 项分走了 1 − `training.distill_alpha` 的权重；更大的 `training.distill_alpha`（更信标签）、"
+                  "更多步数或与学生差距更小的教师都值得多个种子地量一量。"]
     return "\n".join(lines)
 
 
@@ -797,10 +862,12 @@ def section_export(root: Path, data: Path, link: str) -> str:
              f"个新 token，同样的提示 token（数据：`docs/results/data/export/`）：", "",
              *table(["比较", "回答逐字相同的比例"],
                     [[pairs.get(k, k), f"{100 * v:.1f}%"] for k, v in verify["same_text"].items()]), "",
-             *table(["引擎", "每秒生成 token"], [[names.get(k, k), fmt(v, 1)] for k, v in verify["tokens_per_s"].items()])]
+             *table(["引擎", f"每秒生成 token（{verify.get('repeats', 1)} 次的中位数）", "范围"],
+                    [[names.get(k, k), fmt(v, 1), "–".join(fmt(x, 1) for x in verify.get("tokens_per_s_range", {}).get(k, []))]
+                     for k, v in verify["tokens_per_s"].items()])]
     if verify["same_text"].get("llama_adapter/llama_merged", 1.0) < 0.9:
-        lines += ["", "注意：在 ik_llama.cpp 里把 `adapter.gguf` 叠加到 `base.gguf` 上，回答与合并模型不一致，原因尚未查明；"
-                      "因此 `Modelfile` 默认用已经核对过的 `model.gguf`，基座 + adapter 的写法只作为注释留在里面。"]
+        lines += ["", "注意：在 ik_llama.cpp 里把 `adapter.gguf` 叠加到 `base.gguf` 上，回答与合并模型不一致；"
+                      "`Modelfile` 默认用已经核对过的 `model.gguf`。"]
     return "\n".join(lines)
 
 

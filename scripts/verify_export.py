@@ -11,7 +11,8 @@ On the first --rows rows of the run's test split (held out from training), greed
   llama_adapter   llama.cpp on base.gguf with adapter.gguf applied at load time (its LoRA API).
 Prints and writes EXPORT/verify_report.json: for each pair the share of rows whose answer
 text is identical, and each engine's generated tokens per second (one prompt at a time for
-llama.cpp, as its Python wheel decodes; zhlora both one at a time and batched).
+llama.cpp, as its Python wheel decodes; zhlora both one at a time and batched), the median of
+--repeats passes with their range: time it on an otherwise idle machine.
 
 ik-llama-cpp-python (PyPI, a build of github.com/ikawrakow/ik_llama.cpp) is used because
 its manylinux_2_28 wheel loads on Debian 12; it is a checking tool, never a requirement.
@@ -22,6 +23,7 @@ import argparse
 import ctypes
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,8 +37,26 @@ def llama_engine(model: Path, adapter: Path | None = None):
     from ik_llama_cpp import IkLlama
     from ik_llama_cpp import _ctypes_api as api
 
-    llm = IkLlama(str(model), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
-    if adapter is not None:
+    if adapter is None:
+        llm = IkLlama(str(model), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+    else:
+        # ik_llama.cpp's fused up/gate kernel (fused_up_gate, on by default) multiplies ffn_up and
+        # ffn_gate without looking for LoRA weights, so an adapter on those two is silently dropped
+        # (src/llama-build-context.cpp: the fused branch skips llm_build_lora_mm). Mainline llama.cpp
+        # and Ollama have no such kernel. IkLlama builds its context from the default parameters,
+        # so the default is changed while it is built.
+        default = api.llama_context_default_params
+
+        def unfused():
+            params = default()
+            params.fused_up_gate = False
+            return params
+
+        api.llama_context_default_params = unfused
+        try:
+            llm = IkLlama(str(model), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+        finally:
+            api.llama_context_default_params = default
         lib = api._lib
         lib.llama_lora_adapter_init.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         lib.llama_lora_adapter_init.restype = ctypes.c_void_p
@@ -67,6 +87,18 @@ def zhlora_answers(model, tokenizer, prompts, max_new_tokens: int, batch_size: i
     return [g.text for g in out], sum(len(g.token_ids) for g in out), time.perf_counter() - began
 
 
+def repeated(answer, repeats: int) -> tuple[list[str], list[float]]:
+    """(texts of the first pass, tokens/s of every pass): greedy, so every pass gives the same texts."""
+    texts, speeds = None, []
+    for _ in range(repeats):
+        got, tokens, seconds = answer()
+        if texts is not None and got != texts:
+            raise SystemExit("greedy decoding gave different texts on a repeat; the engine is not deterministic")
+        texts = got
+        speeds.append(tokens / seconds)
+    return texts, speeds
+
+
 def agreement(a: list[str], b: list[str]) -> float:
     return sum(x == y for x, y in zip(a, b)) / len(a)
 
@@ -81,24 +113,30 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=60)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32", help="zhlora's frozen weights (the export's are exact fp32)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed passes per engine (median and range reported); run on an otherwise idle machine")
     args = parser.parse_args(argv)
 
     model, tokenizer, cfg = load_run(args.model_path, device="cpu", dtype=args.dtype)
     rows = json.loads(Path(cfg.data.test_file).read_text(encoding="utf-8"))[:args.rows]
     prompts = [encode_prompt(row, tokenizer, cfg.model.template, cfg.data.max_length) for row in rows]
     export = Path(args.export)
-    results = {"zhlora_one_by_one": zhlora_answers(model, tokenizer, prompts, args.max_new_tokens, 1),
-               "zhlora_batched": zhlora_answers(model, tokenizer, prompts, args.max_new_tokens, 32)}
+    n = args.repeats
+    results = {"zhlora_one_by_one": repeated(lambda: zhlora_answers(model, tokenizer, prompts, args.max_new_tokens, 1), n),
+               "zhlora_batched": repeated(lambda: zhlora_answers(model, tokenizer, prompts, args.max_new_tokens, 32), n)}
     del model
-    results["llama_merged"] = llama_answers(llama_engine(export / "model.gguf"), prompts, tokenizer,
-                                            args.max_new_tokens)
+    engines = {"llama_merged": (export / "model.gguf", None)}
     if (export / "adapter.gguf").is_file():
-        results["llama_adapter"] = llama_answers(llama_engine(export / "base.gguf", export / "adapter.gguf"), prompts,
-                                                 tokenizer, args.max_new_tokens)
+        engines["llama_adapter"] = (export / "base.gguf", export / "adapter.gguf")
+    for name, (weights, adapter) in engines.items():
+        llm = llama_engine(weights, adapter)
+        results[name] = repeated(lambda: llama_answers(llm, prompts, tokenizer, args.max_new_tokens), n)
+        llm.close()
     texts = {name: r[0] for name, r in results.items()}
     report = {"rows": len(rows), "test_file": Path(cfg.data.test_file).name, "max_new_tokens": args.max_new_tokens,
               "zhlora_dtype": args.dtype, "export_report": json.loads((export / "export_report.json").read_text()),
-              "tokens_per_s": {name: r[1] / r[2] for name, r in results.items()},
+              "repeats": n, "tokens_per_s": {name: statistics.median(r[1]) for name, r in results.items()},
+              "tokens_per_s_range": {name: [min(r[1]), max(r[1])] for name, r in results.items()},
               "same_text": {f"{a}/{b}": agreement(texts[a], texts[b]) for a, b in (
                   ("llama_merged", "zhlora_one_by_one"), ("llama_adapter", "zhlora_one_by_one"),
                   ("llama_adapter", "llama_merged"), ("zhlora_batched", "zhlora_one_by_one")) if a in texts},
@@ -109,7 +147,8 @@ def main(argv=None) -> int:
     for key, value in report["same_text"].items():
         print(f"[verify] same text {key}: {100 * value:.1f}% of {len(rows)} rows")
     for key, value in report["tokens_per_s"].items():
-        print(f"[verify] {key}: {value:.1f} generated tokens/s")
+        low, high = report["tokens_per_s_range"][key]
+        print(f"[verify] {key}: {value:.1f} generated tokens/s (median of {n}, range {low:.1f}-{high:.1f})")
     return 0
 
 

@@ -42,12 +42,12 @@ def test_table_from_an_adapters_file_and_a_run_folder(tmp_path, capsys):
     table = out.read_text("utf-8")
     assert table == capsys.readouterr().out
     assert table.splitlines()[:7] == [
-        "**exact_match**", "",
-        "| task | n | task adapter | all tasks (`all_run`) | merge (`merged`) |",
+        "**精确匹配（exact_match）**", "",
+        "| 任务 | 行数 | 单任务 adapter | 全部任务（`all_run`） | 合并（`merged`） |",
         "|---|---:|---:|---:|---:|",
-        "| num2cn | 4 | 0.500 (`num`) | 0.750 | 0.250 |",
-        "| s2t | 4 | 1.000 (`zh`) | 0.500 | 0.750 (n=2) |",  # only tasks a task adapter was scored on
-        "| **mean over tasks** | | 0.750 | 0.625 | 0.500 |"]
+        "| num2cn | 4 | 0.500（`num`） | 0.750 | 0.250 |",
+        "| s2t | 4 | 1.000（`zh`） | 0.500 | 0.750（2 行） |",  # only tasks a task adapter was scored on
+        "| **全部行合计** | | 0.750 | 0.625 | 0.417 |"]  # pooled: (0.25 * 4 + 0.75 * 2) / 6
 
 
 def test_missing_task_shows_a_dash_and_no_mean(tmp_path):
@@ -56,8 +56,8 @@ def test_missing_task_shows_a_dash_and_no_mean(tmp_path):
     table = adapter_report.report([adapter_report.load_scores(str(task), None)],
                                   adapter_report.load_scores(f"everything={task}", None),
                                   [adapter_report.load_scores(str(merged), None)])
-    assert "| s2t | 2 | 0.500 (`a`) | 0.500 | - |" in table
-    assert "| **mean over tasks** | | 0.750 | 0.750 | - |" in table
+    assert "| s2t | 2 | 0.500（`a`） | 0.500 | - |" in table
+    assert "| **全部行合计** | | 0.750 | 0.750 | - |" in table
 
 
 
@@ -66,10 +66,10 @@ def test_two_merges_get_a_column_each():
     table = adapter_report.report([task], ("all", scores(num2cn=(0.5, 2))),
                                   [("sum", scores(num2cn=(0.0, 2))), ("mean", scores(num2cn=(0.5, 2)))])
     assert table.splitlines()[2:6] == [
-        "| task | n | task adapter | all tasks (`all`) | merge (`sum`) | merge (`mean`) |",
+        "| 任务 | 行数 | 单任务 adapter | 全部任务（`all`） | 合并（`sum`） | 合并（`mean`） |",
         "|---|---:|---:|---:|---:|---:|",
-        "| num2cn | 2 | 1.000 (`a`) | 0.500 | 0.000 | 0.500 |",
-        "| **mean over tasks** | | 1.000 | 0.500 | 0.000 | 0.500 |"]
+        "| num2cn | 2 | 1.000（`a`） | 0.500 | 0.000 | 0.500 |",
+        "| **全部行合计** | | 1.000 | 0.500 | 0.000 | 0.500 |"]
 
 @pytest.mark.parametrize("value, message", [("nobody", "holds adapters ['num']"), ("x=missing_dir", "not found")])
 def test_bad_names_are_one_line_errors(tmp_path, capsys, value, message):
@@ -98,5 +98,5 @@ def test_report_on_tiny_task_adapters_all_tasks_and_merge(tiny_model_dir, tiny_d
     assert adapter_report.main(["--results", str(tmp_path / "eval"), "--task_adapters", "num", "zh",
                                 "--all_tasks", "all", "--merged", "merged", "--output", str(out)]) == 0
     rows = out.read_text("utf-8").splitlines()
-    assert [r.split(" | ")[0] for r in rows[4:7]] == ["| num2cn", "| s2t", "| **mean over tasks**"]
-    assert len(re.findall(r"\| \d\.\d{3} ", rows[6])) == 3  # a mean in every column: all scored on both tasks
+    assert [r.split(" | ")[0] for r in rows[4:7]] == ["| num2cn", "| s2t", "| **全部行合计**"]
+    assert len(re.findall(r"\| \d\.\d{3} ", rows[6])) == 3  # a total in every column: all scored on both tasks

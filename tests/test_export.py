@@ -86,13 +86,30 @@ def test_base_plus_adapter_equals_the_merged_weights(exported):
 
 
 @needs_embedded
+def test_base_gguf_holds_the_values_training_saw(exported):
+    """base.gguf is the source GGUF's quantized values, dequantized (f32 here), in the source's row order."""
+    from gguf import GGUFReader, quants
+
+    from zhlora.export import base_gguf
+    EMBEDDED = "smollm2-135m-instruct"
+
+    out, report = exported
+    source = {t.name: t for t in GGUFReader(str(base_gguf(EMBEDDED))).tensors}
+    base = {t.name: np.asarray(t.data) for t in GGUFReader(str(out / "base.gguf")).tensors}
+    assert report["base_gguf"] == base_gguf(EMBEDDED).name and set(base) == set(source)
+    for name in ("blk.0.attn_q.weight", "blk.5.attn_k.weight", "blk.2.ffn_up.weight"):
+        exact = quants.dequantize(source[name].data, source[name].tensor_type)
+        assert np.array_equal(base[name], exact), name
+
+
+@needs_embedded
 def test_the_modelfile_prompt_is_the_one_zhlora_trained_with(exported, embedded_run):
     from zhlora.formatting import encode_prompt
     from zhlora.models import load_tokenizer
 
     out, _ = exported
     text = (out / "Modelfile").read_text()
-    assert "\nFROM ./model.gguf\n" in text and "#   ADAPTER ./adapter.gguf" in text
+    assert "\nFROM ./base.gguf\nADAPTER ./adapter.gguf\n" in text and "#   FROM ./model.gguf" in text
     assert 'PARAMETER stop "<|im_end|>"' in text
     template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     plain = template.split("{{ else }}", 1)[1].split("{{ end }}", 1)[0]

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import load_make_reports
 from zhlora.config import load_config, save_config
-from zhlora.experiment import COSTS, QUALITY, write_csv
+from zhlora.experiment import write_csv
+from zhlora.experiment_report import COSTS, QUALITY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,10 +65,18 @@ def write_experiment(root: Path, name: str, rows: list[dict], overrides: dict[st
 
 LORA = row("method=lora_learning_rate=0.001", {"training.method": "lora", "training.learning_rate": 0.001},
            {"exact_match": (0.40, 0.05), "test_loss": (0.9, 0.01)}, trainable_params=921_600, seconds_per_step=2.6,
-           supervised_tokens_per_s=300.0, peak_memory_mb=1800.0, adapter_size_mb=3.518)
+           seconds_per_step_range="2.5~2.7", supervised_tokens_per_s=300.0, supervised_tokens_per_s_range="290~310",
+           peak_memory_mb=1800.0, peak_memory_mb_range="1790~1810", timed_runs=3, adapter_size_mb=3.518)
 FULL = row("method=full_learning_rate=5e-05", {"training.method": "full", "training.learning_rate": 5e-05},
            {"exact_match": (0.35, 0.05), "test_loss": (1.0, 0.02)}, trainable_params=134_515_008,
-           seconds_per_step=6.0, supervised_tokens_per_s=130.0, peak_memory_mb=3900.0, model_size_mb=513.2)
+           seconds_per_step=6.0, seconds_per_step_range="5.9~6.1", supervised_tokens_per_s=130.0,
+           supervised_tokens_per_s_range="120~140", peak_memory_mb=3900.0, peak_memory_mb_range="3890~3910",
+           timed_runs=3, model_size_mb=513.2)
+# comparisons.json as experiment_compare.compare writes it: full minus LoRA
+FULL_VS_LORA = {"reference": LORA["point"], "seeds": [42, 43], "points": {FULL["point"]: {
+    "exact_match": {"diff": -0.05, "ci": [-0.15, 0.04], "rows": 40, "verdict": "same", "paired_by": "row"},
+    "avg_similarity": {"diff": 0.07, "ci": [0.02, 0.11], "rows": 40, "verdict": "higher", "paired_by": "row"},
+    "test_loss": {"diff": -0.26, "ci": [-0.4, -0.1], "seeds": 2, "verdict": "lower", "paired_by": "seed"}}}}
 RECIPES = {LORA["point"]: ["training.method=lora", "training.learning_rate=1e-3"],
            FULL["point"]: ["training.method=full", "training.learning_rate=5e-5"]}
 
@@ -81,7 +90,7 @@ def test_absent_results_are_said_plainly(tmp_path):
     assert mr.main(["--root", str(root)]) == 0
     report = (root / "docs" / "results" / "performance.md").read_text(encoding="utf-8")
     guide = (root / "docs" / "guide.md").read_text(encoding="utf-8")
-    assert report.count("尚未测量（not yet measured）") == 2  # LoRA vs full, and the benchmarks
+    assert report.count("尚未测量。") == 2  # LoRA vs full, and the benchmarks
     assert "`zhlora experiment configs/experiments/lora_vs_full.yaml`" in report
     assert "`python bench/train_throughput.py`" in report
     for name in ("lora_vs_full", "bench", "quick_start", "task_adapters", "distill"):
@@ -97,6 +106,7 @@ def test_absent_results_are_said_plainly(tmp_path):
 def test_lora_vs_full_rows_beside_the_claims(tmp_path):
     root = fake_root(tmp_path)
     write_experiment(root, "lora_vs_full", [LORA, FULL], RECIPES)
+    (root / "runs" / "lora_vs_full" / "comparisons.json").write_text(json.dumps(FULL_VS_LORA), "utf-8")
     assert mr.main(["--root", str(root)]) == 0
     report = (root / "docs" / "results" / "performance.md").read_text(encoding="utf-8")
     assert "| 可训练参数 | 921,600 | 134,515,008 | 0.69% | 减少 99.8% | 不成立 |" in report
@@ -104,6 +114,11 @@ def test_lora_vs_full_rows_beside_the_claims(tmp_path):
     assert "| 峰值内存 MB | 1,800 | 3,900 | 0.46 | 1/4 | 不成立 |" in report
     assert "| 保存大小 MB | 3.518 | 513.2 | 0.69% | 几 MB | 成立 |" in report
     assert "| 精确匹配 | 0.400 ± 0.050 | 0.350 ± 0.050 | +0.050 | 接近全量 | 相当 |" in report
+    # each verdict is the interval's: a tie on exact match, full fine-tuning better on similarity and loss
+    assert "精确匹配 全量 − LoRA = -0.050，95% 区间 [-0.150, +0.040] → 相当" in report
+    assert "字符相似度 全量 − LoRA = +0.070，95% 区间 [+0.020, +0.110] → 全量更好" in report
+    assert "测试 loss 全量 − LoRA = -0.260，95% 区间 [-0.400, -0.100] → 全量更好" in report
+    assert (root / "docs" / "results" / "data" / "experiments" / "lora_vs_full" / "comparisons.json").is_file()
     # the reasons are computed from the same numbers: model state 16 B x 134.5M params ~ 2,053 MB
     assert "约 2,053 MB" in report and "减少 99.31%" in report and "是 adapter 的 146 倍" in report
     assert "同样设置在 Qwen2.5-0.5B（更宽）上减少 99.78%" in report  # r=16 on q_proj, v_proj, from its config
@@ -140,6 +155,8 @@ def test_claims_that_hold_at_the_scale_they_come_from():
             "evaluation": {}}
     full = {**row("full", {}, {"exact_match": (0.2, None)}, trainable_params=494_032_768, seconds_per_step=3.2,
                   peak_memory_mb=9000.0, model_size_mb=1884.0), "config": {}, "summary": {}, "evaluation": {}}
+    assert "精确匹配" not in {c[0] for c in mr.claims(lora, full)}  # no comparisons.json: no quality verdict
+    full["comparison"] = {"exact_match": {"diff": -0.3, "ci": [-0.45, -0.15], "verdict": "lower"}}
     verdicts = {c[0]: c[5] for c in mr.claims(lora, full)}
     assert verdicts == {"可训练参数": "成立", "每步秒数": "成立", "峰值内存 MB": "成立", "保存大小 MB": "成立",
                         "精确匹配": "LoRA 更好"}
@@ -161,7 +178,7 @@ def test_bench_results_fill_the_speed_section(tmp_path):
         {"best": "lf_bf16", "median": {"lf_bf16": {**runner, "supervised_tokens_per_s": 48.0}}}), "utf-8")
     assert mr.main(["--root", str(root)]) == 0
     report = (root / "docs" / "results" / "performance.md").read_text(encoding="utf-8")
-    assert "机器：Xeon，2 核，内存 23.5 GB，torch 2.13.0+cpu；日期：2025-01-01。" in report
+    assert "机器：Xeon，2 核，内存 23.5 GB，torch 2.13.0+cpu；日期：2025 年 1 月 1 日。" in report
     assert "| 2.60 | ≥ 2.50 | 达到 |" in report and "| 1.20 | ≥ 2.50 | 未达到 |" in report
     assert "| 3,300 | ≤ 3,061 | 未达到 |" in report  # the bar is LLaMA-Factory's measured default
     assert "`speedup_batched` | 生成 token/s：补位批量贪心 vs 逐条贪心 | **尚未测量" in report
@@ -185,20 +202,28 @@ def test_faq_before_and_after(tmp_path):
     assert "`runs/faq/steps_10`" in faq and "`runs/faq/lr_ok`" not in faq
 
 
-def test_experiment_table_and_which_point_leads(tmp_path):
+def test_experiment_table_and_computed_verdicts(tmp_path):
     root = fake_root(tmp_path)
     rows = [row("r=4_lora_alpha=8", {"lora.r": 4, "lora.lora_alpha": 8}, {"exact_match": (0.30, 0.01)},
-                trainable_params=230_400, seconds_per_step=2.5, peak_memory_mb=1700.0, adapter_size_mb=0.88),
+                trainable_params=230_400, supervised_tokens_per_s=300.0, supervised_tokens_per_s_range="290~310",
+                peak_memory_mb=1700.0, peak_memory_mb_range="1690~1720", timed_runs=3, adapter_size_mb=0.88),
             row("r=16_lora_alpha=32", {"lora.r": 16, "lora.lora_alpha": 32}, {"exact_match": (0.31, 0.02)},
-                trainable_params=921_600, seconds_per_step=2.6, peak_memory_mb=1750.0, adapter_size_mb=3.52)]
+                trainable_params=921_600, timed_runs=1, adapter_size_mb=3.52)]  # shared CPU: no time or memory
     write_experiment(root, "r_ablation", rows, {"r=4_lora_alpha=8": ["lora.r=4"], "r=16_lora_alpha=32": []})
     (root / "runs" / "r_ablation" / "quality_vs_r.png").write_bytes(b"\x89PNG fake")
+    (root / "runs" / "r_ablation" / "comparisons.json").write_text(json.dumps(
+        {"reference": "r=16_lora_alpha=32", "seeds": [42, 43], "points": {"r=4_lora_alpha=8": {
+            "exact_match": {"diff": -0.01, "ci": [-0.08, 0.06], "verdict": "same"},
+            "test_loss": {"diff": 0.2, "ci": [0.1, 0.3], "verdict": "higher"}}}}), "utf-8")
     assert mr.main(["--root", str(root)]) == 0
     experiments = generated((root / "docs" / "guide.md").read_text(encoding="utf-8"), "experiments")
-    assert ("| `r=4_lora_alpha=8` | 2 | 0.300 ± 0.010 | - | - | 230,400 | 2.500 | 1,700 | 0.880 |"
-            in experiments)
-    assert "精确匹配最高：`r=16_lora_alpha=32`，比第二名 `r=4_lora_alpha=8` 高 0.010；两者标准差之和 0.030，" \
-           "差距在种子间波动之内" in experiments
+    assert ("| `r=4_lora_alpha=8` | 2 | 0.300 ± 0.010 | - | - | 230,400 | 300.0（290.0–310.0） | 1,700（1,690–1,720） "
+            "| 0.880 |" in experiments)
+    assert "| `r=16_lora_alpha=32` | 2 | 0.310 ± 0.020 | - | - | 921,600 |  |  | 3.520 |" in experiments
+    assert "与参照点 `r=16_lora_alpha=32` 逐个比较" in experiments
+    assert "- `r=4_lora_alpha=8`：精确匹配 -0.010 [-0.080, +0.060] → 相当（区间含 0）；测试 loss +0.200 [+0.100, +0.300] → 更高。" \
+        in experiments
+    assert "最高" not in experiments  # nothing is ranked by hand
     assert "![quality_vs_r](results/data/experiments/r_ablation/quality_vs_r.png)" in experiments
     assert (root / "docs" / "results" / "data" / "experiments" / "r_ablation" / "quality_vs_r.png").is_file()
     assert "#### lora_vs_full" in experiments and "尚未测量" in experiments.split("#### lora_vs_full")[1]
@@ -234,14 +259,14 @@ def test_quick_start_section_from_outputs(tmp_path):
     assert "| 可训练参数 | 921,600 / 135,436,608 （0.68%） |" in section
     # each metric by its bilingual label (zhlora.metrics.LABELS): success_rate is not "success";
     # the difference's paired 95% interval where evaluate.py gives one (not for test_loss)
-    assert "| 精确匹配 exact match (exact_match) | 0.100 | 0.500 | +0.400 | [+0.250, +0.550] |" in section
-    assert "| 作答并停止 answered & stopped (success_rate) | 0.200 | 0.900 | +0.700 | - |" in section
-    assert "| 测试损失 test loss (test_loss) | 2.000 | 0.500 | -1.500 | - |" in section
+    assert "| 精确匹配（exact_match） | 0.100 | 0.500 | +0.400 | [+0.250, +0.550] |" in section
+    assert "| 作答并停止（success_rate） | 0.200 | 0.900 | +0.700 | - |" in section
+    assert "| 测试损失（test_loss） | 2.000 | 0.500 | -1.500 | - |" in section
     # per task: n, base -> LoRA, LoRA's interval; open_qa has no exact match; self_cognition is apart
     assert "| cn2num | 30 | 0.000 | 0.600 | [0.420, 0.750] |" in section and "| open_qa |" not in section
     assert "| self_cognition（单独计分） | 6 | 0.000 | 1.000 | [0.610, 1.000] |" in section
-    assert "总用时 9.1 分钟：第二步 数据 10 秒，第三步 训练 400 秒，第四步 评估 90 秒" in section
-    assert "两种判定有 9 行一致" in section and "**作答并停止 answered & stopped (success_rate)**：" in section
+    assert "总用时 9.1 分钟（一次运行）：第二步 数据 10 秒，第三步 训练 400 秒，第四步 评估 90 秒" in section
+    assert "两种判定有 9 行一致" in section and "各指标的定义见“第四步：评估”的指标表。" in section
     # the held-out demo: the tally, then one example per task, a pipe inside an answer escaped
     assert "| cn2num | 2 | 1 | 2 |" in section
     assert "| 麻烦写成数字。 四百二十 | 420 | Four \\| hundred | 420 |" in section
@@ -285,14 +310,14 @@ def test_task_adapter_report_and_distillation(tmp_path):
     assert any(line.startswith("| 学生，蒸馏后") and "| 0.250 |" in line and "| 2.000 |" in line for line in lines)
     assert any(line.startswith("| 学生，只用标签") and "| 0.125 |" in line and "| 2.500 |" in line for line in lines)
     assert any(line.startswith("| 教师") and "| 0.500 |" in line for line in lines)
-    assert "只用标签：1.250 秒/步" in generated(guide, "distill")
-    assert "按测试 loss，这一次教师帮了忙" in generated(guide, "distill")  # 2.000 < 2.500
+    assert "秒/步" not in generated(guide, "distill")  # one run each: no time figure (the timing rule)
+    assert "蒸馏后的测试 loss 是 2.000，只用标签训练是 2.500（差 -0.500）" in generated(guide, "distill")
     assert "70,000,000" in generated(guide, "distill")
     header = next(line for line in lines if line.startswith("| 模型"))
-    assert "| 作答并停止 answered & stopped (success_rate) |" in header and "成功率" not in header
+    assert "| 作答并停止（success_rate） |" in header and "answered" not in header
 
 
-@pytest.mark.parametrize("labels_only_loss, words", [(1.5, "这一次教师没有帮上忙"), (None, None)])
+@pytest.mark.parametrize("labels_only_loss, words", [(1.5, "只用标签训练是 1.500（差 +0.500）"), (None, None)])
 def test_distillation_sentence_follows_the_numbers(tmp_path, labels_only_loss, words):
     root = fake_root(tmp_path)
     for name, loss in (("runs/distill", 2.0), ("runs/distill_labels_only", labels_only_loss), ("outputs", 1.7)):
@@ -306,7 +331,7 @@ def test_distillation_sentence_follows_the_numbers(tmp_path, labels_only_loss, w
     if words:
         assert words in text
     else:
-        assert "按测试 loss" not in text and "| 学生，只用标签训练（同样设置，不用教师） | - |" in text
+        assert "只用标签训练是" not in text and "| 学生，只用标签训练（同样设置，不用教师） | - |" in text
 
 
 def test_learning_curve_verdicts_follow_the_paired_intervals(tmp_path):
@@ -331,3 +356,18 @@ def test_learning_curve_verdicts_follow_the_paired_intervals(tmp_path):
     assert "LoRA q_proj,v_proj、学习率 0.001、200 步：精确匹配 0.397，比参照设置低 0.250" in section
     assert "学习率 0.003、200 步：精确匹配 0.660，与参照设置相当（区间含 0" in section  # a tie is no winner
     assert "400 步：精确匹配 0.750，比参照设置高 0.100，配对 95% 区间 [+0.050, +0.150]" in section
+
+
+def test_the_snapshot_names_no_path_of_this_machine(tmp_path):
+    """Result files often hold absolute paths (output.dir, a cached model); the snapshot makes them
+    relative to the repository, or to ~, so docs/ never names this machine's folders."""
+    root = fake_root(tmp_path)
+    write_experiment(root, "lora_vs_full", [LORA, FULL], RECIPES)
+    run = root / "runs" / "lora_vs_full" / LORA["point"] / "seed42"
+    (run / "train_summary.json").write_text(json.dumps(
+        {"model": str(Path.home() / ".cache" / "zhlora" / "m"), "dir": str(run)}), encoding="utf-8")
+    assert mr.main(["--root", str(root)]) == 0
+    copied = (root / "docs" / "results" / "data" / "experiments" / "lora_vs_full" / LORA["point"] / "seed42"
+              / "train_summary.json").read_text(encoding="utf-8")
+    assert str(root) not in copied and str(Path.home()) not in copied
+    assert f'"runs/lora_vs_full/{LORA["point"]}/seed42"' in copied and '"~/.cache/zhlora/m"' in copied

@@ -50,7 +50,7 @@ def test_estimate_seconds_leaves_the_cuda_random_state_as_it_found_it(monkeypatc
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": cuda.update(state=int(state[0])))
     model = torch.nn.Linear(2, 1)
 
-    def forward_with_dropout(_model, batch, supervised_logits):
+    def forward_with_dropout(_model, batch, supervised_logits, fused_cross_entropy):
         cuda["state"] += 1
         return torch.nn.functional.dropout(model(torch.ones(1, 2)), 0.5).sum(), 1
 
@@ -61,6 +61,7 @@ def test_estimate_seconds_leaves_the_cuda_random_state_as_it_found_it(monkeypatc
     acc = SimpleNamespace(device=torch.device("cuda", 0), num_processes=1, process_index=0, autocast=nullcontext,
                           backward=lambda loss: loss.backward(), distributed_type=DistributedType.NO)
     training = SimpleNamespace(batch_size=1, seed=0, group_by_length=False, packing=False, supervised_logits=True,
+                               fused_cross_entropy=True,
                                gradient_accumulation_steps=1)
     fake_run = SimpleNamespace(cfg=SimpleNamespace(training=training), acc=acc, model=model,
                                optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train=[{"input_ids": [1]}])

@@ -77,6 +77,7 @@ class TrainingConfig:
     packing: bool = False  # padding-free packing; samples never attend to each other
     group_by_length: bool = True  # batches of similar length waste less compute on padding
     supervised_logits: bool = True  # output layer only where a token is trained: same loss, less time
+    fused_cross_entropy: bool = True  # loss from hidden states in chunks, never all logits at once (zhlora/loss.py)
     allocator: str = "auto"  # auto | system | jemalloc: malloc of a CPU training process (zhlora/allocator.py)
     logging_steps: int = 5
     eval_steps: int = 50

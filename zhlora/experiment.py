@@ -59,14 +59,15 @@ import yaml
 
 from zhlora.config import Config, ConfigError, config_from_dict, load_config, parse_override, save_config
 from zhlora.data import DataError
-from zhlora.experiment_report import COSTS, QUALITY, plot_results, write_csv, write_markdown
-from zhlora.files import write_atomic, write_json
+from zhlora.experiment_compare import compare, timed_costs
+from zhlora.experiment_report import QUALITY, SIZES, plot_results, write_csv, write_markdown
+from zhlora.files import write_atomic, write_if_changed, write_json
 
 TRAIN_SAMPLES = "train_samples"  # the grid key the experiment itself handles
 # generate_samples: None generates every row; N generates N (exact match of the rest: teacher forcing)
 EVALUATE_DEFAULTS = {"max_samples": 48, "max_new_tokens": 48, "batch_size": 16, "baseline": False,
                      "generate_samples": None}
-TOP_KEYS = ["base_config", "overrides", "grid", "seeds", "evaluate", "baseline_only"]
+TOP_KEYS = ["base_config", "overrides", "grid", "seeds", "evaluate", "baseline_only", "reference"]
 SET_BY_THE_SWEEP = {"training.seed": "list them in seeds", "output.dir": "use --output_dir",
                     "training.resume": "a run with checkpoints always resumes",
                     "output.overwrite": "a finished run is never overwritten",
@@ -83,6 +84,7 @@ class Experiment:
     seeds: list[int]
     evaluate: dict = field(default_factory=lambda: dict(EVALUATE_DEFAULTS))
     baseline_only: bool = False
+    reference: dict | None = None  # grid values of the point every other is compared with (default: the first)
 
     def points(self) -> list[dict]:
         """Every combination of grid values as {config key: value}; a mapping value sets several keys."""
@@ -91,6 +93,12 @@ class Experiment:
 
     def run_seeds(self) -> list[int]:
         return self.seeds[:1] if self.baseline_only else self.seeds
+
+    def reference_point(self) -> dict:
+        """The point the verdicts compare every other point with (experiment_compare.py)."""
+        if not self.reference:
+            return self.points()[0]
+        return next(p for p in self.points() if all(p.get(k) == v for k, v in self.reference.items()))
 
 
 def _text(value) -> str:
@@ -172,7 +180,14 @@ def load_experiment(path: str | Path, cli_overrides: list[str] | None = None) ->
     baseline_only = bool(raw.get("baseline_only", False))
     if baseline_only:
         evaluate["baseline"] = False  # the run is the base model: a second pass would score it again
-    exp = Experiment(path.stem, base, overrides, grid, seeds, evaluate, baseline_only)
+    reference = raw.get("reference")
+    exp = Experiment(path.stem, base, overrides, grid, seeds, evaluate, baseline_only, reference)
+    if reference is not None:
+        matches = [slug(p) for p in exp.points() if isinstance(reference, dict)
+                   and all(p.get(k) == v for k, v in reference.items())]
+        if len(matches) != 1:
+            raise ConfigError(f"{path}: reference: {reference!r} must pick exactly one grid point "
+                              f"(it picks {len(matches)}: {', '.join(matches) or 'none'})")
     slugs = [slug(p) for p in exp.points()]
     if len(set(slugs)) != len(slugs):
         raise ConfigError(f"{path}: grid: two points share a folder name ({slugs}); rename a grid key")
@@ -286,7 +301,8 @@ def run_one(exp: Experiment, cfg: Config, folder: Path) -> str:
 
 
 def collect(exp: Experiment, output_dir: Path) -> list[dict]:
-    """One row per point: grid values, then mean and std over seeds of each metric, then costs."""
+    """One row per point: grid values, then mean and std over seeds of each metric, then costs
+    (times and memory only from runs that had the CPU alone: experiment_compare.timed_costs)."""
     rows = []
     for point in exp.points():
         runs = []
@@ -300,11 +316,24 @@ def collect(exp: Experiment, output_dir: Path) -> list[dict]:
             values = [r[name] for r in runs if r.get(name) is not None]
             row[f"{name}_mean"] = statistics.fmean(values) if values else None
             row[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else None  # sample std (n - 1)
-        for name in COSTS:  # trainable_params and sizes agree across seeds; times and memory do not
+        for name in SIZES:  # the same in every seed
             values = [r[name] for r in runs if r.get(name) is not None]
             row[name] = None if not values else values[0] if len(set(values)) == 1 else statistics.fmean(values)
+        for key, value in timed_costs(runs).items():  # a range is one csv cell, "low~high" (no sign to confuse)
+            row[key] = (None if value is None else f"{value[0]!r}~{value[1]!r}") if key.endswith("_range") else value
         rows.append(row)
     return rows
+
+
+def comparisons(exp: Experiment, output_dir: Path) -> dict:
+    """comparisons.json: every point against the reference point (experiment_compare.compare)."""
+    reference = exp.reference_point()
+
+    def folders(point):
+        return [output_dir / slug(point) / f"seed{seed}" for seed in exp.run_seeds()]
+
+    return {"reference": slug(reference), "seeds": exp.run_seeds(),
+            "points": {slug(p): compare(folders(p), folders(reference)) for p in exp.points() if p != reference}}
 
 
 def run_experiment(path: str | Path, output_dir: str | Path | None = None,
@@ -331,6 +360,12 @@ def run_experiment(path: str | Path, output_dir: str | Path | None = None,
     write_csv(rows, output_dir)
     written = plot_results(output_dir)  # plots read results.csv, as every plot reads a file
     write_markdown(exp, rows, output_dir, command)
+    if len(points) > 1 and not exp.baseline_only:  # last: a run without predictions.jsonl costs only this file
+        try:
+            text = json.dumps(comparisons(exp, output_dir), ensure_ascii=False, indent=2) + "\n"
+            write_if_changed(output_dir / "comparisons.json", text.encode())  # a rerun changes nothing on disk
+        except (FileNotFoundError, ValueError) as err:
+            print(f"[experiment] no comparisons.json: {err}")
     print(f"[experiment] -> {output_dir / 'results.csv'}, {output_dir / 'results.md'}"
           + "".join(f", {p.name}" for p in written))
     return rows

