@@ -743,7 +743,7 @@ def verdict_lines(comparisons: dict | None) -> list[str]:
 def timed_cell(row: dict, name: str, digits: int = 1) -> str:
     """A time or memory cell: the median (range) of the runs that had the CPU alone, or empty."""
     value = number(row.get(name))
-    if value is None:
+    if value is None or (number(row.get("timed_runs")) or 0) < 3:  # older tables had no timing rule: empty
         return ""
     span = row.get(f"{name}_range") or ""
     low, _, high = span.partition("~")  # experiment.collect writes "low~high"
