@@ -128,6 +128,11 @@ def fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def span(values, digits: int = 1) -> str:
+    """A measured range as 'low–high' (empty when none was recorded)."""
+    return "–".join(fmt(v, digits) for v in values or [])
+
+
 def mean_std(row: dict, metric: str) -> str:
     mean, std = number(row.get(f"{metric}_mean")), number(row.get(f"{metric}_std"))
     return fmt(mean) + ("" if std is None else f" ± {fmt(std)}")
@@ -448,7 +453,7 @@ def bench_training(folder: Path, suffix: str) -> list[str]:
         return []
     best = (peer or {}).get("median", {}).get((peer or {}).get("best"), {}).get("supervised_tokens_per_s")
     rows = [[f"`{name}`", fmt(f["supervised_tokens_per_s"], 1),
-             "–".join(fmt(v, 1) for v in f.get("supervised_tokens_per_s_range", [])),
+             span(f.get("supervised_tokens_per_s_range")),
              fmt(f["supervised_tokens_per_s"] / best, 2) if best else "-", fmt(f["peak_rss_mb"], 0),
              str(f.get("repeats", "-"))] for name, f in runners.items()]
     return table(["训练方式", "监督 token/s（中位数）", "范围", "相对 LLaMA-Factory 最好设置", "峰值 RSS MB", "重复次数"], rows)
@@ -745,9 +750,8 @@ def timed_cell(row: dict, name: str, digits: int = 1) -> str:
     value = number(row.get(name))
     if value is None or (number(row.get("timed_runs")) or 0) < 3:  # older tables had no timing rule: empty
         return ""
-    span = row.get(f"{name}_range") or ""
-    low, _, high = span.partition("~")  # experiment.collect writes "low~high"
-    return fmt(value, digits) + (f"（{fmt(number(low), digits)}–{fmt(number(high), digits)}）" if high else "")
+    low, _, high = (row.get(f"{name}_range") or "").partition("~")  # experiment.collect writes "low~high"
+    return fmt(value, digits) + (f"（{span([number(low), number(high)], digits)}）" if high else "")
 
 
 def section_experiments(root: Path, data: Path, link: str) -> str:
@@ -863,7 +867,7 @@ def section_export(root: Path, data: Path, link: str) -> str:
              *table(["比较", "回答逐字相同的比例"],
                     [[pairs.get(k, k), f"{100 * v:.1f}%"] for k, v in verify["same_text"].items()]), "",
              *table(["引擎", f"每秒生成 token（{verify.get('repeats', 1)} 次的中位数）", "范围"],
-                    [[names.get(k, k), fmt(v, 1), "–".join(fmt(x, 1) for x in verify.get("tokens_per_s_range", {}).get(k, []))]
+                    [[names.get(k, k), fmt(v, 1), span(verify.get("tokens_per_s_range", {}).get(k))]
                      for k, v in verify["tokens_per_s"].items()])]
     if verify["same_text"].get("llama_adapter/llama_merged", 1.0) < 0.9:
         lines += ["", "注意：在 ik_llama.cpp 里把 `adapter.gguf` 叠加到 `base.gguf` 上，回答与合并模型不一致；"
