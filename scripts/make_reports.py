@@ -94,7 +94,8 @@ FAQ = [("不收敛：学习率过大", "lr_high", "lr_ok",
        ("训练太慢：fp32、不分组", "slow_fp32", "fast_bf16_packing",
         # tokens/s, not s/step: packing makes each step longer (more tokens), which is the point
         [("supervised_tokens_per_s", "有监督 token/s"), ("peak_memory_mb", "峰值内存 MB")])]
-EXPERIMENT_ORDER = ["baseline", "r_ablation", "lr_ablation", "data_size", "target_modules", "lora_vs_full"]
+EXPERIMENT_ORDER = ["baseline", "r_ablation", "lr_ablation", "data_size", "datasets", "target_modules",
+                    "lora_vs_full"]
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -723,16 +724,19 @@ VERDICT_WORDS = {"higher": "更高", "lower": "更低", "same": "相当（区间
 METRIC_WORDS = {"exact_match": "精确匹配", "avg_similarity": "字符相似度", "test_loss": "测试 loss"}
 
 
-def verdict_lines(comparisons: dict | None) -> list[str]:
+def verdict_lines(comparisons: dict | None, group: str | None = None) -> list[str]:
     """One sentence per point against the reference: each metric's difference, its 95% interval and
-    the verdict the interval gives (experiment_compare.py); nothing is ranked by hand."""
+    the verdict the interval gives (experiment_compare.py); nothing is ranked by hand. With a group,
+    the same over that group's test rows alone."""
     if not comparisons:
         return []
     seeds = len(comparisons.get("seeds") or [])
-    lines = [f"与参照点 `{comparisons['reference']}` 逐个比较（精确匹配与字符相似度：同一批测试行逐行配对，"
+    points = comparisons["groups"][group]["points"] if group else comparisons["points"]
+    where = f"只看 {group} 组的测试行，" if group else ""
+    lines = [f"{where}与参照点 `{comparisons['reference']}` 逐个比较（精确匹配与字符相似度：同一批测试行逐行配对，"
              "每行先对种子取平均，区间反映测试题的抽样误差；测试 loss：按种子配对的 t 区间；95% 区间不含 0 才算有差别"
              + ("；只有 1 个种子，换种子带来的波动不在区间里" if seeds == 1 else "") + "）：", ""]
-    for point, result in comparisons["points"].items():
+    for point, result in points.items():
         parts = []
         for metric, word in METRIC_WORDS.items():
             r = result.get(metric) or {}
@@ -743,6 +747,32 @@ def verdict_lines(comparisons: dict | None) -> list[str]:
             parts.append(f"{word} {r['diff']:+.3f}{interval} → {VERDICT_WORDS[r['verdict']]}")
         lines.append(f"- `{point}`：" + "；".join(parts) + "。")
     return lines
+
+
+GROUP_METRICS = {"exact_match": "精确匹配", "avg_similarity": "字符相似度", "rouge_l": "ROUGE-L（0-1）", "test_loss": "测试 loss"}
+
+
+def group_sections(rows: list[dict], comparisons: dict | None) -> list[str]:
+    """For an experiment with `groups`: per group, a table of its metrics over that group's test rows
+    alone (metric@group columns of results.csv; a metric no row of the group has is left out) and
+    the group's verdicts."""
+    lines = []
+    for group, tasks in ((comparisons or {}).get("groups") or {}).items():
+        shown = [m for m in GROUP_METRICS if any(number(r.get(f"{m}@{group}_mean")) is not None for r in rows)]
+        lines += [f"只看 {group} 组的测试行（任务：{'、'.join(tasks['tasks'])}）：", ""]
+        lines += table(["点", *(GROUP_METRICS[m] for m in shown)],
+                       [[f"`{r['point']}`", *(mean_std(scaled(r, f"{m}@{group}"), f"{m}@{group}") for m in shown)]
+                        for r in rows])
+        lines += ["", *verdict_lines(comparisons, group), ""]
+    return lines
+
+
+def scaled(row: dict, metric: str) -> dict:
+    """rouge_l on the 0-1 scale of the other shares (evaluate writes it x 100, as rouge-chinese does)."""
+    if not metric.startswith("rouge_l"):
+        return row
+    return {**row, **{f"{metric}{end}": None if number(row.get(f"{metric}{end}")) is None
+                      else number(row[f"{metric}{end}"]) / 100 for end in ("_mean", "_std")}}
 
 
 def timed_cell(row: dict, name: str, digits: int = 1) -> str:
@@ -775,8 +805,9 @@ def section_experiments(root: Path, data: Path, link: str) -> str:
                          mean_std(r, "test_loss"), fmt(number(r.get("trainable_params"))),
                          timed_cell(r, "supervised_tokens_per_s"), timed_cell(r, "peak_memory_mb", 0),
                          fmt(number(r.get("adapter_size_mb")) or number(r.get("model_size_mb")))] for r in rows])
-        verdicts = verdict_lines(read_json(data / "experiments" / name / "comparisons.json"))
-        lines += ["", *([*verdicts, ""] if verdicts else [])]
+        compared = read_json(data / "experiments" / name / "comparisons.json")
+        verdicts = verdict_lines(compared)
+        lines += ["", *([*verdicts, ""] if verdicts else []), *group_sections(rows, compared)]
         lines += [f"![{p.stem}]({link}/experiments/{name}/{p.name})"
                   for p in sorted((data / "experiments" / name).glob("*.png"))]
         lines.append("")
@@ -816,7 +847,6 @@ def section_distill(root: Path, data: Path, link: str) -> str:
     summary = read_json(data / "advanced" / "distill" / "train_summary.json") or {}
     # The same student trained on the labels alone (training.distill_teacher=): what the teacher adds.
     labels_only = read_json(data / "advanced" / "distill_labels_only" / "evaluation_results.json")
-    labels_summary = read_json(data / "advanced" / "distill_labels_only" / "train_summary.json")
     if student is None or teacher is None:
         return (f"{NOT_YET} 运行 `python quick_start.py`（教师）、`zhlora distill --config configs/distill.yaml "
                 f"training.distill_teacher=outputs output.dir=runs/distill` 与 `zhlora evaluate --model_path runs/distill`，"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import os
 import statistics
@@ -122,9 +123,9 @@ def main(argv=None) -> int:
     prompts = [encode_prompt(row, tokenizer, cfg.model.template, cfg.data.max_length) for row in rows]
     export = Path(args.export)
     n = args.repeats
-    results = {"zhlora_one_by_one": repeated(lambda: zhlora_answers(model, tokenizer, prompts, args.max_new_tokens, 1), n),
-               "zhlora_batched": repeated(lambda: zhlora_answers(model, tokenizer, prompts, args.max_new_tokens, 32), n)}
-    del model
+    results = {name: repeated(functools.partial(zhlora_answers, model, tokenizer, prompts, args.max_new_tokens, batch), n)
+               for name, batch in (("zhlora_one_by_one", 1), ("zhlora_batched", 32))}
+    del model  # the llama.cpp engines below get the memory
     engines = {"llama_merged": (export / "model.gguf", None)}
     if (export / "adapter.gguf").is_file():
         engines["llama_adapter"] = (export / "base.gguf", export / "adapter.gguf")

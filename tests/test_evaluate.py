@@ -25,7 +25,7 @@ TOP_LEVEL = [*metrics.HEADLINE, "test_loss", "perplexity", "num_samples", "ci", 
              "prompts_truncated", "unscored", "forced_vs_generated", "baseline", "delta", "delta_ci", "config", "versions", "settings", "definitions", "seconds"]
 PREDICTION_KEYS = ["instruction", "input", "task", "prompt", "reference", "prediction", "baseline_prediction",
                    "finished", "exact_match", "generated_exact_match", "similarity", "rouge_l", "bleu_4",
-                   "generation_time"]
+                   "loss", "loss_tokens", "generation_time"]
 FAST = dict(max_samples=6, max_new_tokens=12)  # 12 test rows in the tiny split; 12 tokens keep it quick
 
 
@@ -328,11 +328,22 @@ def test_forced_argmax_follows_greedy_generation(tiny_run_dir):
         if tokenizer(reference, add_special_tokens=False)["input_ids"] != ids:
             continue  # this reference would not tokenize back to greedy's ids
         sample = encode_sample({**row, "output": reference}, tokenizer, cfg.model.template, cfg.data.max_length)
-        (targets, hits), = forced_argmax(model, tokenizer, [sample], 4)[0].values()
+        (targets, hits, _), = forced_argmax(model, tokenizer, [sample], 4)[0].values()
         assert targets[:5] == ids and all(hits[:5])
         assert hits[5] == (len(g.token_ids) == 6 and g.token_ids[5] == targets[5])  # the stop token
         checked += 1
     assert checked >= 2
+
+
+def test_row_losses_add_up_to_the_test_loss(evaluated):
+    """Each predictions.jsonl row carries its own loss, so a part of the test rows (one task, one
+    source: experiment groups) has its own; weighted by tokens they give back the test loss."""
+    run, results = evaluated
+    lines = [json.loads(line) for line in (run / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    scored = [line for line in lines if line["loss"] is not None]
+    assert scored and all(line["loss_tokens"] > 0 for line in scored)
+    tokens = sum(line["loss_tokens"] for line in scored)
+    assert sum(line["loss"] * line["loss_tokens"] for line in scored) / tokens == pytest.approx(results["test_loss"])
 
 
 def test_teacher_forced_exact_match_agrees_with_generation(evaluated):

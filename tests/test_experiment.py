@@ -12,6 +12,7 @@ import yaml
 from zhlora import experiment
 from zhlora.config import ConfigError
 from zhlora.experiment import load_experiment, run_experiment, slug
+from zhlora.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT_YAMLS = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
@@ -35,7 +36,8 @@ def sweep(tiny_model_dir, tiny_data_dir, tmp_path_factory):
     """A finished 2 x 2 grid (lora.r x learning rate) with 2 seeds: 8 runs of 3 steps."""
     folder = tmp_path_factory.mktemp("sweep")
     path = write_experiment(folder, tiny_model_dir, tiny_data_dir,
-                            grid={"lora.r": [2, 4], "training.learning_rate": [1e-2, 5e-3]})
+                            grid={"lora.r": [2, 4], "training.learning_rate": [1e-2, 5e-3]},
+                            groups={"every": sorted(TASKS)})
     out = folder / "runs"
     rows = run_experiment(path, out)
     return path, out, rows
@@ -76,6 +78,11 @@ def test_grid_runs_every_point_and_seed_and_summarises(sweep):
     for result in compared["points"].values():
         assert result["exact_match"]["paired_by"] == "row" and result["test_loss"]["seeds"] == 2
         assert result["test_loss"]["verdict"] in ("higher", "lower", "same")
+    # a group of every task scores what the whole test split scores: its loss is the test loss
+    for row in table:
+        assert float(row["test_loss@every_mean"]) == pytest.approx(float(row["test_loss_mean"]))
+    assert "test_loss@every" in markdown
+    assert compared["groups"]["every"]["points"].keys() == compared["points"].keys()
 
 
 def test_second_run_redoes_nothing(sweep, monkeypatch):
@@ -185,6 +192,7 @@ def test_train_samples_writes_a_nested_subset(tiny_model_dir, tiny_data_dir, tmp
     ({"overrides": ["training.seed=3"]}, "list them in seeds"),
     ({"evaluate": {"max_sample": 4}}, "max_sample: unknown key"),
     ({"base_config": "configs/missing.yaml"}, "no such file"),
+    ({"groups": {"generated": "num2cn"}}, "groups: write name: [task, task, ...]"),
     ({"grid": {"lora.r": [4, 8]}, "reference": {"lora.r": 16}}, "must pick exactly one grid point (it picks 0"),
 ])
 def test_bad_experiments_are_named(spec, message, tmp_path):

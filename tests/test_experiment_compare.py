@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 
 from zhlora.cpu_share import SHARED_ABOVE, CpuShare, is_shared
-from zhlora.experiment_compare import compare, seed_interval, timed_costs, verdict
+from zhlora.experiment_compare import compare, group_scores, seed_interval, timed_costs, verdict
 
 TASKS = ["num2cn", "digits", "extreme", "cn2num"] * 10  # 40 headline rows, plus self_cognition below
 
 
 def write_run(folder: Path, correct: list[bool], test_loss: float) -> Path:
     folder.mkdir(parents=True)
-    rows = [{"task": t, "instruction": f"q{i}", "input": "", "exact_match": ok, "similarity": 1.0 if ok else 0.5}
-            for i, (t, ok) in enumerate(zip(TASKS, correct))]
+    rows = [{"task": t, "instruction": f"q{i}", "input": "", "exact_match": ok, "similarity": 1.0 if ok else 0.5,
+             "loss": test_loss if ok else 2 * test_loss, "loss_tokens": 4} for i, (t, ok) in enumerate(zip(TASKS, correct))]
     rows.append({"task": "self_cognition", "instruction": "你是谁", "input": "", "exact_match": None, "similarity": 0.0})
     (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (folder / "evaluation_results.json").write_text(json.dumps({"test_loss": test_loss}), encoding="utf-8")
@@ -33,6 +33,18 @@ def test_a_clear_gain_is_higher_and_a_tie_is_same(tmp_path):
     assert gain["test_loss"]["diff"] == pytest.approx(-0.5) and gain["test_loss"]["verdict"] == "lower"
     tie = compare(same, weak)
     assert tie["exact_match"]["diff"] == 0 and tie["exact_match"]["verdict"] == "same"
+
+
+def test_a_group_is_compared_on_its_own_rows_and_its_own_loss(tmp_path):
+    # weak is right on every digits row (i % 4 == 1), strong on none: the group verdict turns around
+    weak = [write_run(tmp_path / "weak" / f"seed{s}", [i % 4 == 1 for i in range(40)], 2.0 + s / 100) for s in range(3)]
+    strong = [write_run(tmp_path / "strong" / f"seed{s}", [i % 4 in (0, 2, 3) for i in range(40)], 2.0 + s / 100)
+              for s in range(3)]
+    assert compare(strong, weak)["exact_match"]["verdict"] == "higher"
+    digits = compare(strong, weak, tasks=["digits"])
+    assert digits["exact_match"]["rows"] == 10 and digits["exact_match"]["diff"] == -1.0
+    assert digits["test_loss"]["diff"] > 0 and digits["test_loss"]["verdict"] == "higher"  # wrong rows cost 2x
+    assert group_scores(weak[0], ["digits"])["test_loss"] == pytest.approx(2.0)
 
 
 def test_one_seed_gives_no_loss_interval_and_mismatched_rows_are_refused(tmp_path):

@@ -11,6 +11,7 @@ model, so it is parsed instead: the real argparse parser of its entry point must
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import shlex
 import shutil
@@ -112,6 +113,12 @@ def check_parses(argv: list[str], monkeypatch) -> None:
         return
     if argv[:2] == ["python", "scripts/make_reports.py"]:
         parse_only(load_make_reports().main, argv[2:], monkeypatch)
+        return
+    if argv[:2] == ["python", "experiments/datasets_data.py"]:
+        spec = importlib.util.spec_from_file_location("datasets_data", REPO / argv[1])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        parse_only(module.main, argv[2:], monkeypatch)
         return
     sub = zhlora_argv(argv)
     assert sub is not None, f"the guide test does not know how to check `{shlex.join(argv)}`; teach it"

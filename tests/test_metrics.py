@@ -120,11 +120,17 @@ def test_summarize_means_and_per_task():
     per_task = dict(summary["per_task"]["num2cn"])
     assert per_task.pop("exact_match_ci") == pytest.approx(list(metrics.wilson_ci(1, 2)))
     assert per_task == pytest.approx({"n": 2, "n_exact": 2, "n_generated": 2, "exact_match": 0.5, "avg_similarity": 0.75,
-                                      "rouge_l": np.mean([s["rouge_l"] for s in scores[:2]])})
+                                      "rouge_l": np.mean([s["rouge_l"] for s in scores[:2]]), "test_loss": None})
     assert "exact_match" not in summary["per_task"]["open_qa"]
     assert set(summary["ci"]) == set(metrics.CI_METRICS)
     low, high = summary["ci"]["success_rate"]
     assert low <= summary["success_rate"] <= high
+
+
+def test_a_tasks_test_loss_weighs_every_answer_token_the_same():
+    rows = [{"loss": 1.0, "loss_tokens": 3}, {"loss": 3.0, "loss_tokens": 1}, {"loss": None, "loss_tokens": None}]
+    assert metrics.token_mean_loss(rows) == pytest.approx((1.0 * 3 + 3.0) / 4)  # not (1 + 3) / 2
+    assert metrics.token_mean_loss(rows[2:]) is None
 
 
 def test_scored_apart_tasks_stay_out_of_the_headline_exact_match():

@@ -1,6 +1,5 @@
 """Model sources: local folders, hub ids, GGUF files, the embedded model; device and dtype."""
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest

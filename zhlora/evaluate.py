@@ -22,7 +22,7 @@ Writes, each atomically (zhlora/files.py; the tables it prints: evaluate_tables.
   <model_path>/evaluation_results.json  headline metrics, ci, per_task, baseline, delta, delta_ci,
                                         config, versions, settings, definitions, seconds (the
                                         whole evaluation, model load included)
-  <model_path>/predictions.jsonl        one row per sample: prompt, reference, predictions, scores
+  <model_path>/predictions.jsonl        one row per sample: prompt, reference, predictions, scores, loss
 
 --adapters (task adapters: name=path; repeat the flag or join with commas, as on every
 command) loads the base model once and every run's adapter into one PeftModel by name
@@ -97,7 +97,7 @@ FORCED_TASKS = CHECKABLE_TASKS - {"self_cognition"}
 
 
 def teacher_forced(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int, max_new_tokens: int):
-    """(per-row greedy match, test loss): one forward pass per batch, no generation.
+    """(per-row greedy match, test loss, per-row (loss sum, answer tokens)): one forward pass a batch.
 
     Greedy decoding reproduces a reference exactly when, given the reference's own prefix,
     every reference token and the stop token after it are the model's argmax: then step by
@@ -108,24 +108,26 @@ def teacher_forced(model, tokenizer, rows: list[dict], cfg: Config, batch_size: 
     forgives a trailing "。", case in pinyin and the wrapping around sort/extreme numbers:
     forced_vs_generated counts the rows where the two disagree, each way. The match is None
     for a row whose answer or stop token does not survive data.max_length.
-    The same pass gives the test loss: mean cross-entropy per answer token (stop token included).
+    The same pass gives the test loss: mean cross-entropy per answer token (stop token included),
+    and each row's, so a part of the test rows (a task, a source) has its own loss too.
     """
     # answer tokens only, even after data.train_on_prompt: greedy decoding is asked for the answer
     samples = [encode_sample(r, tokenizer, cfg.model.template, cfg.data.max_length) for r in rows]
     stop = set(stop_ids(tokenizer))
     matches: list[bool | None] = [None] * len(rows)
     per_row, loss_sum, tokens = forced_argmax(model, tokenizer, samples, batch_size)
-    for i, (targets, hits) in per_row.items():
+    row_losses = [(per_row[i][2], len(per_row[i][0])) if i in per_row else None for i in range(len(rows))]
+    for i, (targets, hits, _) in per_row.items():
         # up to and including the first stop token: generation ends there (a "\n" after it is never generated)
         end = next((k + 1 for k, t in enumerate(targets) if t in stop), None)
         if end is not None:  # None: max_length cut the stop token off, so stopping was never checked
             matches[i] = all(hits[:end]) and end <= max_new_tokens
-    return matches, (loss_sum / tokens if tokens else None)
+    return matches, (loss_sum / tokens if tokens else None), row_losses
 
 
 def forced_argmax(model, tokenizer, samples: list[dict | None], batch_size: int):
-    """({row: (supervised target ids, is each the argmax given the reference prefix)}, loss sum, token count)
-    for the encode_sample results that are not None."""
+    """({row: (supervised target ids, is each the argmax given the reference prefix, its loss sum)},
+    loss sum, token count) for the encode_sample results that are not None."""
     import torch
     import torch.nn.functional as F
 
@@ -140,12 +142,13 @@ def forced_argmax(model, tokenizer, samples: list[dict | None], batch_size: int)
         batch = {k: v.to(device) for k, v in collate_padded([samples[i] for i in chunk], tokenizer.pad_token_id).items()}
         with torch.no_grad():
             logits, targets = answer_logits(model, batch)  # supervised positions only, row by row
-            loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+            losses = F.cross_entropy(logits.float(), targets, reduction="none")
+        loss_sum += losses.sum().item()
         tokens += targets.numel()
-        hits, targets = (logits.argmax(-1) == targets).tolist(), targets.tolist()
+        hits, targets, losses = (logits.argmax(-1) == targets).tolist(), targets.tolist(), losses.tolist()
         offset = 0
         for i, n in zip(chunk, (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()):
-            per_row[i] = (targets[offset:offset + n], hits[offset:offset + n])
+            per_row[i] = (targets[offset:offset + n], hits[offset:offset + n], sum(losses[offset:offset + n]))
             offset += n
     return per_row, loss_sum, tokens
 
@@ -166,7 +169,7 @@ def score_model(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int
     how often the two agree. Similarity, BLEU, ROUGE, length and success_rate come from the
     generated rows only; prompts and generations are None for rows not generated.
     """
-    forced, loss = teacher_forced(model, tokenizer, rows, cfg, batch_size, max_new_tokens)
+    forced, loss, row_losses = teacher_forced(model, tokenizer, rows, cfg, batch_size, max_new_tokens)
     chosen = generation_rows(rows, generate_samples)
     prompts: list = [None] * len(rows)
     generations: list = [None] * len(rows)
@@ -176,7 +179,7 @@ def score_model(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int
     for i, g in zip(chosen, generate(model, tokenizer, [prompts[i] for i in chosen],
                                      max_new_tokens=max_new_tokens, batch_size=batch_size, refill=refill)):
         generations[i] = g
-    scores = [score_row(row, g, f) for row, g, f in zip(rows, generations, forced)]
+    scores = [score_row(row, g, f, l) for row, g, f, l in zip(rows, generations, forced, row_losses)]
     summary = metrics.summarize(scores)
     pairs = [(s["exact_match"], s["generated_exact_match"]) for s in scores
              if s.get("generated_exact_match") is not None and s["exact_match"] is not None]
@@ -190,8 +193,9 @@ def score_model(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int
     return prompts, generations, scores, summary
 
 
-def score_row(row: dict, generation, forced: bool | None) -> dict:
-    """score_sample of a generated row; exact_match from teacher forcing where that applies."""
+def score_row(row: dict, generation, forced: bool | None, loss: tuple[float, int] | None = None) -> dict:
+    """score_sample of a generated row; exact_match from teacher forcing where that applies, and loss
+    (mean per answer token) with loss_tokens from that pass (None for a row max_length drops)."""
     task = row.get("task") or "user"
     if generation is None:
         score = {key: None for key in metrics.score_sample(task, "", row["output"], False, 0, 0.0)}
@@ -202,6 +206,7 @@ def score_row(row: dict, generation, forced: bool | None) -> dict:
         score["generated_exact_match"] = score["exact_match"] if task in FORCED_TASKS else None
     if task in FORCED_TASKS:
         score["exact_match"] = forced
+    score["loss"], score["loss_tokens"] = (None, None) if not loss or not loss[1] else (loss[0] / loss[1], loss[1])
     return score
 
 
@@ -325,7 +330,8 @@ def prediction_rows(rows, prompts: list, tuned, scores, base=None) -> list[dict]
             line["baseline_prediction"] = base[k] and base[k].text
         line.update(finished=g and g.finished, exact_match=s["exact_match"],
                     generated_exact_match=s.get("generated_exact_match"), similarity=s["similarity"],
-                    rouge_l=s["rouge_l"], bleu_4=s["bleu_4"], generation_time=g and g.seconds)
+                    rouge_l=s["rouge_l"], bleu_4=s["bleu_4"], loss=s["loss"], loss_tokens=s["loss_tokens"],
+                    generation_time=g and g.seconds)
         lines.append(_finite(line))
     return lines
 
@@ -336,7 +342,6 @@ def _versions() -> dict:
     import transformers
 
     import zhlora
-
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "zhlora": zhlora.__version__}
 

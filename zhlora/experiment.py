@@ -18,6 +18,8 @@ and evaluate.KEY=VALUE changes `evaluate`, e.g. evaluate.max_samples=16):
     seeds: [42, 43]                         # default: the base config's training.seed
     evaluate: {max_samples: 48, max_new_tokens: 48, batch_size: 16, baseline: false}
     baseline_only: false                    # true: evaluate the untrained model, no training
+    reference: {lora.r: 16}                 # the point the others are compared with (comparisons.json)
+    groups: {generated: [num2cn, digits]}   # also scored on these tasks' test rows alone (metric@group)
 
 Each (point, seed) is a normal run folder, <output_dir>/<point>/seed<seed>/: train(cfg), then evaluate_run,
 both in this process. Finished work is never redone, so an interrupted sweep is resumed by running the
@@ -59,7 +61,7 @@ import yaml
 
 from zhlora.config import Config, ConfigError, config_from_dict, load_config, parse_override, save_config
 from zhlora.data import DataError
-from zhlora.experiment_compare import compare, timed_costs
+from zhlora.experiment_compare import GROUPED, compare, group_scores, timed_costs
 from zhlora.experiment_report import QUALITY, SIZES, plot_results, write_csv, write_markdown
 from zhlora.files import write_atomic, write_if_changed, write_json
 
@@ -67,7 +69,7 @@ TRAIN_SAMPLES = "train_samples"  # the grid key the experiment itself handles
 # generate_samples: None generates every row; N generates N (exact match of the rest: teacher forcing)
 EVALUATE_DEFAULTS = {"max_samples": 48, "max_new_tokens": 48, "batch_size": 16, "baseline": False,
                      "generate_samples": None}
-TOP_KEYS = ["base_config", "overrides", "grid", "seeds", "evaluate", "baseline_only", "reference"]
+TOP_KEYS = ["base_config", "overrides", "grid", "seeds", "evaluate", "baseline_only", "reference", "groups"]
 SET_BY_THE_SWEEP = {"training.seed": "list them in seeds", "output.dir": "use --output_dir",
                     "training.resume": "a run with checkpoints always resumes",
                     "output.overwrite": "a finished run is never overwritten",
@@ -85,6 +87,7 @@ class Experiment:
     evaluate: dict = field(default_factory=lambda: dict(EVALUATE_DEFAULTS))
     baseline_only: bool = False
     reference: dict | None = None  # grid values of the point every other is compared with (default: the first)
+    groups: dict[str, list[str]] = field(default_factory=dict)  # name -> tasks, scored apart as well
 
     def points(self) -> list[dict]:
         """Every combination of grid values as {config key: value}; a mapping value sets several keys."""
@@ -180,8 +183,11 @@ def load_experiment(path: str | Path, cli_overrides: list[str] | None = None) ->
     baseline_only = bool(raw.get("baseline_only", False))
     if baseline_only:
         evaluate["baseline"] = False  # the run is the base model: a second pass would score it again
-    reference = raw.get("reference")
-    exp = Experiment(path.stem, base, overrides, grid, seeds, evaluate, baseline_only, reference)
+    reference, groups = raw.get("reference"), raw.get("groups") or {}
+    if not (isinstance(groups, dict) and all(isinstance(t, list) and t and all(isinstance(x, str) for x in t)
+                                             for t in groups.values())):
+        raise ConfigError(f"{path}: groups: write name: [task, task, ...] (tasks as in the data's task field)")
+    exp = Experiment(path.stem, base, overrides, grid, seeds, evaluate, baseline_only, reference, groups)
     if reference is not None:
         matches = [slug(p) for p in exp.points() if isinstance(reference, dict)
                    and all(p.get(k) == v for k, v in reference.items())]
@@ -310,9 +316,10 @@ def collect(exp: Experiment, output_dir: Path) -> list[dict]:
             folder = output_dir / slug(point) / f"seed{seed}"
             summary = json.loads((folder / "train_summary.json").read_text(encoding="utf-8"))
             results = json.loads((folder / "evaluation_results.json").read_text(encoding="utf-8"))
-            runs.append({**summary, **{m: results.get(m) for m in QUALITY}})
+            grouped = {f"{m}@{g}": v for g, tasks in exp.groups.items() for m, v in group_scores(folder, tasks).items()}
+            runs.append({**summary, **{m: results.get(m) for m in QUALITY}, **grouped})
         row = {"point": slug(point), **{k: _text(v) for k, v in point.items()}, "seeds": len(runs)}
-        for name in QUALITY:
+        for name in [*QUALITY, *(f"{m}@{g}" for g in exp.groups for m in GROUPED)]:
             values = [r[name] for r in runs if r.get(name) is not None]
             row[f"{name}_mean"] = statistics.fmean(values) if values else None
             row[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else None  # sample std (n - 1)
@@ -332,8 +339,12 @@ def comparisons(exp: Experiment, output_dir: Path) -> dict:
     def folders(point):
         return [output_dir / slug(point) / f"seed{seed}" for seed in exp.run_seeds()]
 
+    others = [p for p in exp.points() if p != reference]
     return {"reference": slug(reference), "seeds": exp.run_seeds(),
-            "points": {slug(p): compare(folders(p), folders(reference)) for p in exp.points() if p != reference}}
+            "points": {slug(p): compare(folders(p), folders(reference)) for p in others},
+            **({"groups": {g: {"tasks": tasks, "points": {slug(p): compare(folders(p), folders(reference), tasks)
+                                                           for p in others}}
+                           for g, tasks in exp.groups.items()}} if exp.groups else {})}
 
 
 def run_experiment(path: str | Path, output_dir: str | Path | None = None,

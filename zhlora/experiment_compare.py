@@ -12,6 +12,10 @@ with its 95% interval; "higher" or "lower" only when the interval excludes 0, el
                                  order): mean difference ± t(0.975, n - 1) * sd / sqrt(n) over
                                  the n seeds; no interval from one seed.
 
+Groups (an experiment's `groups`, e.g. the generated tasks and alpaca_zh_demo's open answers of
+one mixed test file): the same comparisons over the rows of a group's tasks alone, the loss being
+that group's own (evaluate writes each row's loss and answer tokens to predictions.jsonl).
+
 Why rows and seeds both matter: the row interval says how sure 48 test questions make us; the
 seed interval says how much another training run moves the number. The table gives the seeds'
 std beside each mean, and the loss verdict rests on the seeds alone.
@@ -28,9 +32,10 @@ import statistics
 from pathlib import Path
 
 from zhlora.cpu_share import is_shared
-from zhlora.metrics import SCORED_APART, paired_bootstrap_ci
+from zhlora.metrics import SCORED_APART, paired_bootstrap_ci, token_mean_loss
 
 PAIRED = {"exact_match": "exact_match", "avg_similarity": "similarity"}  # headline metric -> predictions field
+GROUPED = ["exact_match", "avg_similarity", "rouge_l", "test_loss"]  # scored per group of tasks (group_scores)
 MIN_TIMED = 3
 TIMED = ["supervised_tokens_per_s", "seconds_per_step", "peak_memory_mb"]
 # t(0.975, df) for the seed intervals: a 2-seed interval is wide (12.7 sd/sqrt 2) and says so.
@@ -43,20 +48,39 @@ def t975(df: int) -> float:
     return T975[max(k for k in T975 if k <= df)] if df <= 30 else 1.96
 
 
-def row_scores(run: Path) -> tuple[list[tuple], dict[str, list[float | None]]]:
-    """(row keys, {metric: per-row score or None}) from a run's predictions.jsonl, headline rows only."""
+def prediction_lines(run: Path, tasks: list[str] | None = None) -> list[dict]:
+    """A run's predictions.jsonl rows: those of `tasks` (a group), or the headline's (SCORED_APART left out)."""
     rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
             if line.strip()]
-    rows = [r for r in rows if r["task"] not in SCORED_APART]
+    return [r for r in rows if (r["task"] in tasks if tasks else r["task"] not in SCORED_APART)]
+
+
+def group_scores(run: Path, tasks: list[str]) -> dict:
+    """{GROUPED metric: value} over the test rows of these tasks only (an experiment's `groups`):
+    means of the per-row scores, and the test loss of just these rows (every token weighs the same)."""
+    rows = prediction_lines(run, tasks)
+
+    def mean(field):
+        values = [float(r[field]) for r in rows if r.get(field) is not None]
+        return statistics.fmean(values) if values else None
+
+    return {"exact_match": mean("exact_match"), "avg_similarity": mean("similarity"), "rouge_l": mean("rouge_l"),
+            "test_loss": token_mean_loss(rows)}
+
+
+def row_scores(run: Path, tasks: list[str] | None = None) -> tuple[list[tuple], dict[str, list[float | None]]]:
+    """(row keys, {metric: per-row score or None}) from a run's predictions.jsonl: the rows of
+    `tasks`, or the headline rows."""
+    rows = prediction_lines(run, tasks)
     keys = [(r["task"], r["instruction"], r.get("input", "")) for r in rows]
     return keys, {m: [None if r.get(f) is None else float(r[f]) for r in rows] for m, f in PAIRED.items()}
 
 
-def seed_mean_rows(runs: list[Path]) -> tuple[list[tuple], dict[str, list[float | None]]]:
+def seed_mean_rows(runs: list[Path], tasks: list[str] | None = None) -> tuple[list[tuple], dict[str, list]]:
     """Each row's score averaged over the runs (seeds); None where any run has no score for it."""
     keys, per_run = None, []
     for run in runs:
-        k, scores = row_scores(run)
+        k, scores = row_scores(run, tasks)
         if keys is not None and k != keys:
             raise ValueError(f"{run}: its test rows differ from the other seeds' (evaluate.max_samples changed?)")
         keys = k
@@ -84,10 +108,11 @@ def verdict(ci) -> str:
     return "higher" if ci[0] > 0 else "lower" if ci[1] < 0 else "same"
 
 
-def compare(point: list[Path], reference: list[Path]) -> dict:
-    """{metric: {diff, ci, verdict, ...}} of point minus reference (run folders in seed order)."""
-    keys_a, rows_a = seed_mean_rows(point)
-    keys_b, rows_b = seed_mean_rows(reference)
+def compare(point: list[Path], reference: list[Path], tasks: list[str] | None = None) -> dict:
+    """{metric: {diff, ci, verdict, ...}} of point minus reference (run folders in seed order), over
+    the headline rows, or over the rows of `tasks` alone (a group)."""
+    keys_a, rows_a = seed_mean_rows(point, tasks)
+    keys_b, rows_b = seed_mean_rows(reference, tasks)
     if keys_a != keys_b:
         raise ValueError(f"{point[0].parent} and {reference[0].parent} were scored on different test rows")
     out = {}
@@ -96,7 +121,8 @@ def compare(point: list[Path], reference: list[Path]) -> dict:
         ci = paired_bootstrap_ci([x for x, _ in pairs], [y for _, y in pairs]) if pairs else None
         out[metric] = {"diff": statistics.fmean(x - y for x, y in pairs) if pairs else None, "ci": ci,
                        "rows": len(pairs), "verdict": verdict(ci), "paired_by": "row"}
-    losses = [[json.loads((r / "evaluation_results.json").read_text(encoding="utf-8")).get("test_loss")
+    losses = [[group_scores(r, tasks)["test_loss"] if tasks else
+               json.loads((r / "evaluation_results.json").read_text(encoding="utf-8")).get("test_loss")
                for r in runs] for runs in (point, reference)]
     # a diverged run (NaN or inf loss) has no loss to compare: it drops its seed from the pairing
     both = [(x, y) for x, y in zip(*losses) if x is not None and y is not None and math.isfinite(x + y)]

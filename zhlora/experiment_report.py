@@ -77,12 +77,14 @@ def write_markdown(exp, rows: list[dict], output_dir: Path, command: str) -> Non
              "allocation on a GPU. Times and memory: median (range) of the runs that had the CPU alone, when "
              "there are 3 or more (timed_runs); empty otherwise.", ""]
     keys = grid_keys(rows)
-    header = ["point", *keys, *QUALITY, *COSTS]
+    # metric@group: the same metric over one group's test rows alone (the experiment's `groups`)
+    measured = [*QUALITY, *(k[:-len("_mean")] for k in rows[0] if "@" in k and k.endswith("_mean"))]
+    header = ["point", *keys, *measured, *COSTS]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         quality = [_cell(_unit(m, row[f"{m}_mean"])) + ("" if row[f"{m}_std"] is None
                                                         else f" ± {_cell(_unit(m, row[f'{m}_std']))}")
-                   for m in QUALITY]
+                   for m in measured]
         lines.append("| " + " | ".join([row["point"], *(row.get(k, "-") for k in keys), *quality,
                                          *(_cell(row[c]) for c in COSTS)]) + " |")
     lines += ["", *(f"![{p.name}]({p.name})" for p in sorted(output_dir.glob("quality_vs_*.png")))]
@@ -91,7 +93,7 @@ def write_markdown(exp, rows: list[dict], output_dir: Path, command: str) -> Non
 
 def _unit(metric: str, value):
     """rouge_l on the 0-1 scale of the other shares (evaluate reports it x 100, as rouge-chinese does)."""
-    return value / 100 if metric == "rouge_l" and value is not None else value
+    return value / 100 if metric.split("@")[0] == "rouge_l" and value is not None else value
 
 
 def _number(text: str) -> float | None:

@@ -28,7 +28,8 @@ Metrics (the keys of evaluation_results.json; DEFINITIONS below is read from thi
                         (forced_vs_generated). Every headline mean leaves out SCORED_APART
                         tasks (self_cognition: does the answer name the assistant and its maker?)
     test_loss           mean cross-entropy per answer token (answer and stop tokens, the prompt never)
-                        over the same test rows, from the teacher-forcing pass
+                        over the same test rows, from the teacher-forcing pass; per task in per_task
+                        (token_mean_loss over each row's loss and loss_tokens in predictions.jsonl)
     perplexity          exp(test_loss)
 
 Policies:
@@ -225,6 +226,14 @@ def _mean(values: list) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def token_mean_loss(scores: list[dict]) -> float | None:
+    """Mean cross-entropy per answer token over rows carrying loss and loss_tokens (evaluate.score_row):
+    the test loss of just these rows, every token weighing the same as in the whole test loss."""
+    kept = [(s["loss"], s["loss_tokens"]) for s in scores if s.get("loss") is not None and s.get("loss_tokens")]
+    tokens = sum(n for _, n in kept)
+    return sum(loss * n for loss, n in kept) / tokens if tokens else None
+
+
 def summarize(scores: list[dict]) -> dict:
     """Headline means, `ci` (95%: Wilson for RATES, bootstrap otherwise) and `per_task` for a list
     of score_sample dicts. A None score (a row that was not generated) is left out of its mean.
@@ -242,7 +251,7 @@ def summarize(scores: list[dict]) -> dict:
         generated = [s for s in mine if s["similarity"] is not None]
         row = {"n": len(mine), "n_generated": len(generated),
                "avg_similarity": _mean([s["similarity"] for s in generated]),
-               "rouge_l": _mean([s["rouge_l"] for s in generated])}
+               "rouge_l": _mean([s["rouge_l"] for s in generated]), "test_loss": token_mean_loss(mine)}
         if task in CHECKABLE_TASKS:
             hits = [float(s["exact_match"]) for s in mine if s["exact_match"] is not None]
             row["n_exact"], row["exact_match"], row["exact_match_ci"] = len(hits), _mean(hits), _ci("exact_match", hits)
