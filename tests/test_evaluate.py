@@ -314,8 +314,8 @@ def test_table_columns_stay_apart_for_huge_values(capsys):
 def test_forced_argmax_follows_greedy_generation(tiny_run_dir):
     """The teacher-forced check: on a reference that is greedy's own output, every answer token is
     the argmax; the stop position is a hit exactly when greedy would stop there."""
-    from zhlora.evaluate import forced_argmax
     from zhlora.generation import generate, load_run
+    from zhlora.teacher_forcing import forced_argmax
 
     model, tokenizer, cfg = load_run(tiny_run_dir, "cpu")
     rows = json.loads(open(cfg.data.test_file, encoding="utf-8").read())[:8]
@@ -333,6 +333,25 @@ def test_forced_argmax_follows_greedy_generation(tiny_run_dir):
         assert hits[5] == (len(g.token_ids) == 6 and g.token_ids[5] == targets[5])  # the stop token
         checked += 1
     assert checked >= 2
+
+
+def test_a_rows_forced_scores_do_not_depend_on_its_batch(tiny_run_dir):
+    """Rows are batched in length order: whatever a row is padded with, its hits and loss are its own
+    (fp32 here; under bf16 autocast only rounding may differ)."""
+    from zhlora.generation import load_run
+    from zhlora.teacher_forcing import autocast, forced_argmax
+
+    model, tokenizer, cfg = load_run(tiny_run_dir, "cpu")
+    rows = json.loads(open(cfg.data.test_file, encoding="utf-8").read())[:10]
+    samples = [encode_sample(row, tokenizer, cfg.model.template, cfg.data.max_length) for row in rows]
+    alone = {i: forced_argmax(model, tokenizer, [s], 1)[0][0] for i, s in enumerate(samples)}
+    together, loss_sum, tokens = forced_argmax(model, tokenizer, samples, 4)
+    assert together.keys() == alone.keys() and tokens == sum(len(t) for t, _, _ in alone.values())
+    for i, (targets, hits, loss) in together.items():
+        assert (targets, hits) == alone[i][:2] and loss == pytest.approx(alone[i][2], rel=1e-4)
+    assert loss_sum == pytest.approx(sum(loss for _, _, loss in alone.values()), rel=1e-4)
+    assert not isinstance(autocast(model, "fp16"), torch.autocast)  # fp16 on a CPU: never
+    assert isinstance(autocast(model, "bf16"), torch.autocast) and not isinstance(autocast(model, "no"), torch.autocast)
 
 
 def test_row_losses_add_up_to_the_test_loss(evaluated):

@@ -48,10 +48,11 @@ from zhlora import metrics
 from zhlora.config import Config, ConfigError, load_config
 from zhlora.evaluate_tables import print_adapters_table, print_table
 from zhlora.files import write_json, write_jsonl
-from zhlora.formatting import IGNORE_INDEX, encode_prompt, encode_sample, prompt_is_truncated, stop_ids
+from zhlora.formatting import encode_prompt, prompt_is_truncated
 from zhlora.generation import decoding_settings, generate, load_base, load_run
 from zhlora.serving.adapters import add_adapters_argument, answering_as, load_adapters, parse_adapters
 from zhlora.tasks import CHECKABLE_TASKS, selected
+from zhlora.teacher_forcing import teacher_forced
 
 # torch (and what imports it) is imported inside the functions that run a model: `zhlora --help`
 # imports this module to list the command and should not wait seconds for torch.
@@ -96,63 +97,6 @@ def read_test_rows(path: Path, cfg: Config, max_samples: int | None) -> list[dic
 FORCED_TASKS = CHECKABLE_TASKS - {"self_cognition"}
 
 
-def teacher_forced(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int, max_new_tokens: int):
-    """(per-row greedy match, test loss, per-row (loss sum, answer tokens)): one forward pass a batch.
-
-    Greedy decoding reproduces a reference exactly when, given the reference's own prefix,
-    every reference token and the stop token after it are the model's argmax: then step by
-    step greedy picks exactly those tokens and stops. So one forward pass over prompt +
-    reference answers "would greedy generation write this answer's exact tokens and stop within
-    max_new_tokens?" for every row, at the cost of one training forward; generation needs one
-    pass per new token. This is stricter than tasks.check_answer on a generated text, which
-    forgives a trailing "。", case in pinyin and the wrapping around sort/extreme numbers:
-    forced_vs_generated counts the rows where the two disagree, each way. The match is None
-    for a row whose answer or stop token does not survive data.max_length.
-    The same pass gives the test loss: mean cross-entropy per answer token (stop token included),
-    and each row's, so a part of the test rows (a task, a source) has its own loss too.
-    """
-    # answer tokens only, even after data.train_on_prompt: greedy decoding is asked for the answer
-    samples = [encode_sample(r, tokenizer, cfg.model.template, cfg.data.max_length) for r in rows]
-    stop = set(stop_ids(tokenizer))
-    matches: list[bool | None] = [None] * len(rows)
-    per_row, loss_sum, tokens = forced_argmax(model, tokenizer, samples, batch_size)
-    row_losses = [(per_row[i][2], len(per_row[i][0])) if i in per_row else None for i in range(len(rows))]
-    for i, (targets, hits, _) in per_row.items():
-        # up to and including the first stop token: generation ends there (a "\n" after it is never generated)
-        end = next((k + 1 for k, t in enumerate(targets) if t in stop), None)
-        if end is not None:  # None: max_length cut the stop token off, so stopping was never checked
-            matches[i] = all(hits[:end]) and end <= max_new_tokens
-    return matches, (loss_sum / tokens if tokens else None), row_losses
-
-
-def forced_argmax(model, tokenizer, samples: list[dict | None], batch_size: int):
-    """({row: (supervised target ids, is each the argmax given the reference prefix, its loss sum)},
-    loss sum, token count) for the encode_sample results that are not None."""
-    import torch
-    import torch.nn.functional as F
-
-    from zhlora.loss import answer_logits
-    from zhlora.training.batching import collate_padded
-
-    kept = [i for i, s in enumerate(samples) if s is not None]
-    device = next(model.parameters()).device
-    per_row, loss_sum, tokens = {}, 0.0, 0
-    for start in range(0, len(kept), batch_size):
-        chunk = kept[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in collate_padded([samples[i] for i in chunk], tokenizer.pad_token_id).items()}
-        with torch.no_grad():
-            logits, targets = answer_logits(model, batch)  # supervised positions only, row by row
-            losses = F.cross_entropy(logits.float(), targets, reduction="none")
-        loss_sum += losses.sum().item()
-        tokens += targets.numel()
-        hits, targets, losses = (logits.argmax(-1) == targets).tolist(), targets.tolist(), losses.tolist()
-        offset = 0
-        for i, n in zip(chunk, (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()):
-            per_row[i] = (targets[offset:offset + n], hits[offset:offset + n], sum(losses[offset:offset + n]))
-            offset += n
-    return per_row, loss_sum, tokens
-
-
 def generation_rows(rows: list[dict], generate_samples: int | None) -> list[int]:
     """Which rows get a real generation: the first generate_samples rows (all when None) and every
     row that teacher forcing cannot score (self_cognition, open answers)."""
@@ -161,7 +105,7 @@ def generation_rows(rows: list[dict], generate_samples: int | None) -> list[int]
 
 
 def score_model(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int, max_new_tokens: int,
-                generate_samples: int | None = None, refill: bool = True):
+                generate_samples: int | None = None, refill: bool = True, precision: str | None = None):
     """(prompts, generations, per-sample scores, summary) of one model on the test rows.
 
     exact_match of a FORCED_TASKS row is the teacher-forced match (every row); a generated row
@@ -169,7 +113,7 @@ def score_model(model, tokenizer, rows: list[dict], cfg: Config, batch_size: int
     how often the two agree. Similarity, BLEU, ROUGE, length and success_rate come from the
     generated rows only; prompts and generations are None for rows not generated.
     """
-    forced, loss, row_losses = teacher_forced(model, tokenizer, rows, cfg, batch_size, max_new_tokens)
+    forced, loss, row_losses = teacher_forced(model, tokenizer, rows, cfg, batch_size, max_new_tokens, precision)
     chosen = generation_rows(rows, generate_samples)
     prompts: list = [None] * len(rows)
     generations: list = [None] * len(rows)
@@ -220,6 +164,13 @@ def read_run(model_path: str | Path, test_data: str | Path | None, max_samples: 
     return run_cfg, test_path, read_test_rows(test_path, run_cfg, max_samples)
 
 
+def trained_precision(model_path: Path) -> str | None:
+    """train_summary.json's mixed_precision, which teacher forcing runs in (teacher_forcing.py);
+    None (fp32) for a folder without one."""
+    path = model_path / "train_summary.json"
+    return json.loads(path.read_text("utf-8")).get("mixed_precision") if path.is_file() else None
+
+
 def add_baseline(results: dict, base_summary: dict, scores: list[dict], base_scores: list[dict]) -> None:
     results["baseline"] = base_summary
     results["delta"] = {k: None if results[k] is None or base_summary[k] is None else results[k] - base_summary[k]
@@ -243,7 +194,7 @@ def evaluate_run(model_path: str | Path, max_samples: int | None = None, batch_s
           f"{len(generation_rows(rows, generate_samples))} of them: greedy, batch {batch_size}, "
           f"max_new_tokens {max_new_tokens}, device {next(model.parameters()).device}")
     score = functools.partial(score_model, rows=rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              generate_samples=generate_samples, refill=refill)
+                              generate_samples=generate_samples, refill=refill, precision=trained_precision(model_path))
     prompts, tuned, scores, results = score(model, tokenizer, cfg=cfg)
     used_device = str(next(model.parameters()).device)
     base = None
