@@ -905,9 +905,74 @@ def section_export(root: Path, data: Path, link: str) -> str:
     return "\n".join(lines)
 
 
+# 参数调优技巧: each knob's advice from the seed guide beside what its experiment measured. The
+# sentences read comparisons.json (experiment_compare.py) only: a difference is named only where its
+# 95% interval excludes 0, and whether the advice holds is decided by holds(), never by hand.
+# (knob, experiment, the seed's advice, the points whose comparison decides it, holds(verdicts) -> bool | None)
+TUNING = [
+    ("r", "r_ablation", "从 8 或 16 开始；任务简单、数据少时，更大的 r 往往只带来更多参数而没有更好的效果",
+     ["r=32_lora_alpha=64"], lambda v: None if not v else not (v[0]["exact_match"] == "higher" or v[0]["test_loss"] == "lower")),
+    ("学习率", "lr_ablation", "LoRA 用比全量微调大的学习率，默认 2e-4（配合 3 个 epoch）",
+     ["learning_rate=0.0003", "learning_rate=0.0001"],
+     lambda v: None if not v else not any(x["exact_match"] == "lower" or x["test_loss"] == "higher" for x in v)),
+    ("target_modules", "target_modules", "q_proj、v_proj 最省；效果不够时再试全部注意力投影或 all-linear",
+     ["target_modules=all-linear"], lambda v: None if not v else v[0]["exact_match"] == "higher" or v[0]["test_loss"] == "lower"),
+    ("数据量", "data_size", "没有结论，只建议在固定计算量下量一量：更多不重复的数据，还是把少量数据重复几遍",
+     [], lambda v: None),
+    ("数据集", "datasets", "没有结论，只建议比较生成的任务、现成的中文指令数据（alpaca_zh_demo.json）和两者混合",
+     [], lambda v: None),
+    ("LoRA 与全量微调", "lora_vs_full", "LoRA 的效果接近全量微调",
+     ["method=full_learning_rate=5e-05"], lambda v: None if not v else all(x == "same" for x in v[0].values())),
+]
+HOLDS_WORDS = {True: "原建议在这里成立", False: "原建议在这里不成立", None: ""}
+TUNING_MEANING = {  # what "holds" means for each knob, so the judgement can be checked against the rule
+    "r": "（判据：r=32 比 r=16 的精确匹配不更高、测试 loss 不更低）",
+    "学习率": "（判据：3e-4 与 1e-4 都不比 1e-3 差；它们离原默认 2e-4 最近）",
+    "target_modules": "（判据：all-linear 比 q_proj,v_proj 更好，即“效果不够时再加层”确有可加之处）",
+    "LoRA 与全量微调": "（判据：全量与 LoRA 在精确匹配、字符相似度、测试 loss 上都相当）",
+}
+
+
+def comparison_words(result: dict) -> str:
+    """One point's differences from the reference, each with its interval and verdict word."""
+    parts = []
+    for metric, word in METRIC_WORDS.items():
+        r = result.get(metric) or {}
+        if r.get("diff") is None:
+            continue
+        ci = r.get("ci")
+        parts.append(f"{word} {r['diff']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+                     + f"（{VERDICT_WORDS[r['verdict']]}）")
+    return "，".join(parts)
+
+
+def section_tuning(root: Path, data: Path, link: str) -> str:
+    lines = []
+    for knob, name, advice, deciding, holds in TUNING:
+        compared = read_json(data / "experiments" / name / "comparisons.json")
+        head = f"- **{knob}**（`configs/experiments/{name}.yaml`）：原指南：{advice}。"
+        if not compared:
+            lines.append(f"{head}{NOT_YET} 运行 `zhlora experiment configs/experiments/{name}.yaml`，{REGENERATE}")
+            continue
+        points = compared["points"]
+        verdicts = [{m: (points[p].get(m) or {}).get("verdict") for m in METRIC_WORDS} for p in deciding if p in points]
+        lines.append(f"{head}实测（{len(compared['seeds'])} 个种子，与参照点 `{compared['reference']}` 比较，"
+                     "95% 区间不含 0 才算有差别）：")
+        lines += [f"  - `{point}`：{comparison_words(result)}。" for point, result in points.items()]
+        for group, part in (compared.get("groups") or {}).items():  # the same, on one group's test rows alone
+            lines += [f"  - 只看 {group} 组的测试行，`{point}`：{comparison_words(result)}。"
+                      for point, result in part["points"].items()]
+        known = len(verdicts) == len(deciding) and all(v[m] not in (None, "unknown") for v in verdicts
+                                                       for m in ("exact_match", "test_loss"))
+        verdict = holds(verdicts if known else [])
+        if HOLDS_WORDS[verdict]:
+            lines.append(f"  - {HOLDS_WORDS[verdict]}{TUNING_MEANING.get(knob, '')}。")
+    return "\n".join(lines)
+
+
 SECTIONS = {"default_run": section_default_run, "learning_curves": section_learning_curves, "lora_code": section_lora_code, "task_adapters": section_task_adapters, "distill": section_distill, "params": section_params, "lora_vs_full": section_lora_vs_full,
             "bench": section_bench, "quick_start": section_quick_start, "faq": section_faq,
-            "experiments": section_experiments, "export": section_export}
+            "experiments": section_experiments, "export": section_export, "tuning": section_tuning}
 
 
 # ---- documents ----------------------------------------------------------------------------------

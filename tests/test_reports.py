@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 mr = load_make_reports()
 SECTIONS = ["lora_code", "quick_start", "learning_curves", "default_run", "params", "lora_vs_full", "bench", "faq", "experiments", "task_adapters",
-            "distill"]
+            "distill", "tuning"]
 
 
 def fake_root(tmp_path: Path) -> Path:
@@ -227,6 +227,27 @@ def test_experiment_table_and_computed_verdicts(tmp_path):
     assert "![quality_vs_r](results/data/experiments/r_ablation/quality_vs_r.png)" in experiments
     assert (root / "docs" / "results" / "data" / "experiments" / "r_ablation" / "quality_vs_r.png").is_file()
     assert "#### lora_vs_full" in experiments and "尚未测量" in experiments.split("#### lora_vs_full")[1]
+
+
+def test_tuning_advice_is_judged_by_its_rule_from_the_intervals(tmp_path):
+    root = fake_root(tmp_path)
+    points = {"r=16_lora_alpha=32": [], "r=32_lora_alpha=64": ["lora.r=32", "lora.lora_alpha=64"]}
+    write_experiment(root, "r_ablation", [row(p, {}, {"exact_match": (0.5, 0.01)}) for p in points], points)
+
+    def tuning(r32_exact_match: str) -> str:
+        (root / "runs" / "r_ablation" / "comparisons.json").write_text(json.dumps(
+            {"reference": "r=16_lora_alpha=32", "seeds": [42, 43, 44], "points": {"r=32_lora_alpha=64": {
+                "exact_match": {"diff": 0.1, "ci": [0.05, 0.15] if r32_exact_match == "higher" else [-0.02, 0.2],
+                                "verdict": r32_exact_match},
+                "test_loss": {"diff": -0.1, "ci": [-0.3, 0.1], "verdict": "same"}}}}), "utf-8")
+        assert mr.main(["--root", str(root)]) == 0
+        return generated((root / "docs" / "guide.md").read_text(encoding="utf-8"), "tuning")
+
+    better = tuning("higher")  # the larger r helped: "more parameters, nothing better" does not hold
+    assert "`r=32_lora_alpha=64`：精确匹配 +0.100 [+0.050, +0.150]（更高），测试 loss -0.100 [-0.300, +0.100]" in better
+    assert "原建议在这里不成立（判据：r=32 比 r=16 的精确匹配不更高、测试 loss 不更低）" in better
+    assert "原建议在这里成立" in tuning("same")
+    assert "**学习率**" in better and "尚未测量" in better.split("**学习率**")[1]  # no lr_ablation run yet
 
 
 def test_quick_start_section_from_outputs(tmp_path):
