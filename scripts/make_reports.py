@@ -313,8 +313,14 @@ def claim_params(lora: dict, full: dict) -> tuple | None:
             + ("在这个模型上也成立。" if ok else "在这个更窄的模型上达不到。"))
 
 
+def timed(row: dict, name: str) -> float | None:
+    """A results.csv time or memory figure under the timing rule: the median of 3 or more runs that
+    had the CPU alone (experiment_compare.timed_costs), else None; older tables had no such rule."""
+    return number(row.get(name)) if (number(row.get("timed_runs")) or 0) >= 3 else None
+
+
 def claim_time(lora: dict, full: dict) -> tuple | None:
-    tl, tf, nf = number(lora["seconds_per_step"]), number(full["seconds_per_step"]), number(full["trainable_params"])
+    tl, tf, nf = timed(lora, "seconds_per_step"), timed(full, "seconds_per_step"), number(full["trainable_params"])
     if not (tl and tf and nf):
         return None
     ratio = tl / tf
@@ -329,7 +335,7 @@ def claim_time(lora: dict, full: dict) -> tuple | None:
 
 
 def claim_memory(lora: dict, full: dict) -> tuple | None:
-    ml, mf = number(lora["peak_memory_mb"]), number(full["peak_memory_mb"])
+    ml, mf = timed(lora, "peak_memory_mb"), timed(full, "peak_memory_mb")
     nl, nf = number(lora["trainable_params"]), number(full["trainable_params"])
     if not (ml and mf and nl and nf):
         return None
@@ -412,6 +418,9 @@ def section_lora_vs_full(root: Path, data: Path, link: str) -> str:
     lines += table(["指标", "LoRA", "全量微调", "LoRA / 全量", "指南的说法", "在此规模"],
                    [list(c[:6]) for c in checked])
     lines += ["", *(f"- **{c[0]}**：{c[6]}" for c in checked)]
+    if not all(timed(r, "seconds_per_step") for r in (lora, full)):
+        lines.append("- **每步时间与峰值内存**：这里只报告至少 3 次独占 CPU 的运行的中位数（计时规则），这份结果还没有，"
+                     "所以不比较；重新运行上面的实验即可补上。")
     pareto = data / "experiments" / "lora_vs_full" / "quality_vs_peak_memory.png"
     if pareto.is_file():
         lines += ["", f"![质量与峰值内存]({link}/experiments/lora_vs_full/{pareto.name})"]
@@ -777,8 +786,8 @@ def scaled(row: dict, metric: str) -> dict:
 
 def timed_cell(row: dict, name: str, digits: int = 1) -> str:
     """A time or memory cell: the median (range) of the runs that had the CPU alone, or empty."""
-    value = number(row.get(name))
-    if value is None or (number(row.get("timed_runs")) or 0) < 3:  # older tables had no timing rule: empty
+    value = timed(row, name)
+    if value is None:
         return ""
     low, _, high = (row.get(f"{name}_range") or "").partition("~")  # experiment.collect writes "low~high"
     return fmt(value, digits) + (f"（{span([number(low), number(high)], digits)}）" if high else "")

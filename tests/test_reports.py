@@ -150,16 +150,19 @@ def test_the_snapshot_outlives_the_runs_and_check_catches_edits(tmp_path):
 def test_claims_that_hold_at_the_scale_they_come_from():
     """Qwen2.5-0.5B-like figures: 0.22% of the parameters, a third of the time, a quarter of the memory."""
     lora = {**row("lora", {}, {"exact_match": (0.5, None)}, trainable_params=1_081_344, seconds_per_step=1.0,
-                  peak_memory_mb=1000.0, adapter_size_mb=4.1),
+                  peak_memory_mb=1000.0, adapter_size_mb=4.1, timed_runs=3),
             "config": {"lora": {"r": 16, "target_modules": ["q_proj", "v_proj"]}, "training": {}}, "summary": {},
             "evaluation": {}}
     full = {**row("full", {}, {"exact_match": (0.2, None)}, trainable_params=494_032_768, seconds_per_step=3.2,
-                  peak_memory_mb=9000.0, model_size_mb=1884.0), "config": {}, "summary": {}, "evaluation": {}}
+                  peak_memory_mb=9000.0, model_size_mb=1884.0, timed_runs=3), "config": {}, "summary": {}, "evaluation": {}}
     assert "精确匹配" not in {c[0] for c in mr.claims(lora, full)}  # no comparisons.json: no quality verdict
     full["comparison"] = {"exact_match": {"diff": -0.3, "ci": [-0.45, -0.15], "verdict": "lower"}}
     verdicts = {c[0]: c[5] for c in mr.claims(lora, full)}
     assert verdicts == {"可训练参数": "成立", "每步秒数": "成立", "峰值内存 MB": "成立", "保存大小 MB": "成立",
                         "精确匹配": "LoRA 更好"}
+    # times from fewer than 3 runs that had the CPU alone (the timing rule) are not compared at all
+    untimed = {c[0] for c in mr.claims({**lora, "timed_runs": 2}, full)}
+    assert "每步秒数" not in untimed and "峰值内存 MB" not in untimed and "可训练参数" in untimed
 
 
 def test_bench_results_fill_the_speed_section(tmp_path):
