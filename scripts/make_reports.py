@@ -94,6 +94,13 @@ FAQ = [("不收敛：学习率过大", "lr_high", "lr_ok",
        ("训练太慢：fp32、不分组", "slow_fp32", "fast_bf16_packing",
         # tokens/s, not s/step: packing makes each step longer (more tokens), which is the point
         [("supervised_tokens_per_s", "有监督 token/s"), ("peak_memory_mb", "峰值内存 MB")])]
+# The FAQ's time and memory figures follow the timing rule: the median (range) of 3+ runs that had the CPU
+# alone, from configs/experiments/faq_timing.yaml (its points are the FAQ's commands), never one run.
+FAQ_TIMED = ("peak_memory_mb", "seconds_per_step", "supervised_tokens_per_s")
+FAQ_TIMING_POINTS = {"mem_batch16": "batch_size=16_max_steps=10",
+                     "mem_accum8": "batch_size=2_gradient_accumulation_steps=8_gradient_checkpointing=True_max_steps=10",
+                     "slow_fp32": "mixed_precision=no_group_by_length=False_max_steps=20",
+                     "fast_bf16_packing": "mixed_precision=bf16_packing=True_max_steps=20"}
 EXPERIMENT_ORDER = ["baseline", "r_ablation", "lr_ablation", "data_size", "datasets", "target_modules",
                     "lora_vs_full"]
 
@@ -701,13 +708,22 @@ def _faq_cell(figures: dict | None, key: str) -> str:
     return figures.get("stopped", "-")
 
 
+def _faq_timed_cell(timing: dict, case: str, key: str) -> str:
+    """A time or memory cell of the FAQ: faq_timing's median (range) for this case, or why there is none."""
+    return timed_cell(timing.get(FAQ_TIMING_POINTS.get(case), {}), key, 3 if key == "seconds_per_step" else 1) or "待测"
+
+
 def section_faq(root: Path, data: Path, link: str) -> str:
     rows, missing = [], []
+    timing = {r["point"]: r for r in read_results(data / "experiments" / "faq_timing") or []}
     for title, before, after, shown in FAQ:
         runs = [faq_figures(data / "faq" / before), faq_figures(data / "faq" / after)]
         missing += [f"`runs/faq/{name}`" for name, figures in zip((before, after), runs) if figures is None]
-        rows += [[title, label, _faq_cell(runs[0], key), _faq_cell(runs[1], key)] for key, label in shown]
+        rows += [[title, label, *(_faq_timed_cell(timing, case, key) if key in FAQ_TIMED else _faq_cell(run, key)
+                                  for case, run in zip((before, after), runs))] for key, label in shown]
     lines = table(["问题", "指标", "之前", "之后"], rows)
+    lines += ["", "时间与峰值内存按计时规则：`zhlora experiment configs/experiments/faq_timing.yaml` 把这两组命令各在空闲机器上"
+              "跑 3 次，取独占 CPU 的运行的中位数（范围）；“待测”表示还没有这样的 3 次。其余指标来自上面命令的单次运行。"]
     if missing:
         lines += ["", f"{NOT_YET} 缺少的运行：{'、'.join(missing)}。运行上面各问题的命令，{REGENERATE}"]
     return "\n".join(lines)

@@ -253,6 +253,22 @@ def test_tuning_advice_is_judged_by_its_rule_from_the_intervals(tmp_path):
     assert "**学习率**" in better and "尚未测量" in better.split("**学习率**")[1]  # no lr_ablation run yet
 
 
+def test_faq_times_come_from_the_timing_experiment_of_the_same_commands():
+    """Every timed FAQ figure has its point in faq_timing.yaml, and that point runs the FAQ command's settings."""
+    from zhlora.experiment import load_experiment, slug
+
+    exp = load_experiment(REPO / "configs" / "experiments" / "faq_timing.yaml")
+    points = {slug(p): p for p in exp.points()}
+    cases = {name for _, before, after, shown in mr.FAQ for name in (before, after)
+             if any(key in mr.FAQ_TIMED for key, _ in shown)}
+    assert cases == set(mr.FAQ_TIMING_POINTS) and set(mr.FAQ_TIMING_POINTS.values()) == set(points)
+    guide = (REPO / "docs" / "guide.md").read_text(encoding="utf-8")
+    for case, point in mr.FAQ_TIMING_POINTS.items():
+        command = next(line for line in guide.splitlines() if f"output.dir=runs/faq/{case}" in line)
+        for key, value in points[point].items():
+            assert f"{key}={str(value).lower()}" in command.lower(), (case, key)
+
+
 def test_quick_start_section_from_outputs(tmp_path):
     root = fake_root(tmp_path)
     out = root / "outputs"
