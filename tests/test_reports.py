@@ -253,6 +253,27 @@ def test_tuning_advice_is_judged_by_its_rule_from_the_intervals(tmp_path):
     assert "**学习率**" in better and "尚未测量" in better.split("**学习率**")[1]  # no lr_ablation run yet
 
 
+def test_an_experiment_with_groups_gets_a_table_and_verdicts_per_group(tmp_path):
+    root = fake_root(tmp_path)
+    points = {"train_file=mixed": [], "train_file=alpaca": []}
+    rows = [row(p, {}, {"exact_match": (0.5, 0.01)}) for p in points]
+    for r, loss in zip(rows, (1.5, 1.2)):  # rouge_l as evaluate writes it, x 100
+        r.update({"test_loss@alpaca_mean": loss, "test_loss@alpaca_std": 0.01, "rouge_l@alpaca_mean": 25.0,
+                  "rouge_l@alpaca_std": None, "exact_match@alpaca_mean": None, "exact_match@alpaca_std": None})
+    write_experiment(root, "datasets", rows, points)
+    same = {"exact_match": {"diff": None}, "test_loss": {"diff": -0.3, "ci": [-0.4, -0.2], "verdict": "lower"}}
+    (root / "runs" / "datasets" / "comparisons.json").write_text(json.dumps(
+        {"reference": "train_file=mixed", "seeds": [42, 43], "points": {"train_file=alpaca": same},
+         "groups": {"alpaca": {"tasks": ["user"], "points": {"train_file=alpaca": same}}}}), "utf-8")
+    assert mr.main(["--root", str(root)]) == 0
+    experiments = generated((root / "docs" / "guide.md").read_text(encoding="utf-8"), "experiments")
+    assert "只看 alpaca 组的测试行（任务：user）：" in experiments
+    assert "| 点 | ROUGE-L（0-1） | 测试 loss |" in experiments  # no exact match: no row of the group has one
+    assert "| `train_file=alpaca` | 0.250 | 1.200 ± 0.010 |" in experiments
+    assert "只看 alpaca 组的测试行，与参照点 `train_file=mixed` 逐个比较" in experiments
+    assert "测试 loss -0.300 [-0.400, -0.200] → 更低" in experiments.split("只看 alpaca 组的测试行，")[1]
+
+
 def test_faq_times_come_from_the_timing_experiment_of_the_same_commands():
     """Every timed FAQ figure has its point in faq_timing.yaml, and that point runs the FAQ command's settings."""
     from zhlora.experiment import load_experiment, slug
