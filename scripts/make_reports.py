@@ -427,7 +427,7 @@ def section_lora_vs_full(root: Path, data: Path, link: str) -> str:
     lines += ["", *(f"- **{c[0]}**：{c[6]}" for c in checked)]
     if not all(timed(r, "seconds_per_step") for r in (lora, full)):
         lines.append("- **每步时间与峰值内存**：这里只报告至少 3 次独占 CPU 的运行的中位数（计时规则），这份结果还没有，"
-                     "所以不比较；重新运行上面的实验即可补上。")
+                     "所以不比较；在空闲机器上删除 `runs/lora_vs_full` 后重新运行上面的实验即可补上（已完成的运行不会重跑）。")
     pareto = data / "experiments" / "lora_vs_full" / "quality_vs_peak_memory.png"
     if pareto.is_file():
         lines += ["", f"![质量与峰值内存]({link}/experiments/lora_vs_full/{pareto.name})"]
@@ -933,28 +933,39 @@ def section_export(root: Path, data: Path, link: str) -> str:
 # 参数调优技巧: each knob's advice from the seed guide beside what its experiment measured. The
 # sentences read comparisons.json (experiment_compare.py) only: a difference is named only where its
 # 95% interval excludes 0, and whether the advice holds is decided by holds(), never by hand.
-# (knob, experiment, the seed's advice, the points whose comparison decides it, holds(verdicts) -> bool | None)
+# (knob, experiment, the seed's advice, the points whose comparison decides it, the metrics the rule reads,
+#  holds(verdicts of those points) -> bool). A missing or "unknown" verdict of any metric read: no judgement.
+
+
+def _better(v: dict) -> bool:  # exact match or similarity higher, or test loss lower
+    return v.get("exact_match") == "higher" or v.get("avg_similarity") == "higher" or v.get("test_loss") == "lower"
+
+
+def _worse(v: dict) -> bool:
+    return v.get("exact_match") == "lower" or v.get("avg_similarity") == "lower" or v.get("test_loss") == "higher"
+
+
+RULE_METRICS = ("exact_match", "test_loss")
 TUNING = [
     ("r", "r_ablation", "从 8 或 16 开始；任务简单、数据少时，更大的 r 往往只带来更多参数而没有更好的效果",
-     ["r=32_lora_alpha=64"], lambda v: None if not v else not (v[0]["exact_match"] == "higher" or v[0]["test_loss"] == "lower")),
+     ["r=32_lora_alpha=64"], RULE_METRICS, lambda v: not _better(v[0])),
     ("学习率", "lr_ablation", "LoRA 用比全量微调大的学习率，默认 2e-4（配合 3 个 epoch）",
-     ["learning_rate=0.0003", "learning_rate=0.0001"],
-     lambda v: None if not v else not any(x["exact_match"] == "lower" or x["test_loss"] == "higher" for x in v)),
+     ["learning_rate=0.0003", "learning_rate=0.0001"], RULE_METRICS, lambda v: not any(_worse(x) for x in v)),
     ("target_modules", "target_modules", "q_proj、v_proj 最省；效果不够时再试全部注意力投影或 all-linear",
-     ["target_modules=all-linear"], lambda v: None if not v else v[0]["exact_match"] == "higher" or v[0]["test_loss"] == "lower"),
+     ["target_modules=all-linear"], RULE_METRICS, lambda v: _better(v[0])),
     ("数据量", "data_size", "没有结论，只建议在固定计算量下量一量：更多不重复的数据，还是把少量数据重复几遍",
-     [], lambda v: None),
+     [], (), None),
     ("数据集", "datasets", "没有结论，只建议比较生成的任务、现成的中文指令数据（alpaca_zh_demo.json）和两者混合",
-     [], lambda v: None),
+     [], (), None),
     ("LoRA 与全量微调", "lora_vs_full", "LoRA 的效果接近全量微调",
-     ["method=full_learning_rate=5e-05"], lambda v: None if not v else all(x == "same" for x in v[0].values())),
+     ["method=full_learning_rate=5e-05"], ("exact_match", "avg_similarity", "test_loss"), lambda v: not _better(v[0])),
 ]
 HOLDS_WORDS = {True: "原建议在这里成立", False: "原建议在这里不成立", None: ""}
 TUNING_MEANING = {  # what "holds" means for each knob, so the judgement can be checked against the rule
     "r": "（判据：r=32 比 r=16 的精确匹配不更高、测试 loss 不更低）",
-    "学习率": "（判据：3e-4 与 1e-4 都不比 1e-3 差；它们离原默认 2e-4 最近）",
-    "target_modules": "（判据：all-linear 比 q_proj,v_proj 更好，即“效果不够时再加层”确有可加之处）",
-    "LoRA 与全量微调": "（判据：全量与 LoRA 在精确匹配、字符相似度、测试 loss 上都相当）",
+    "学习率": "（判据：3e-4 与 1e-4 的精确匹配都不比 1e-3 低、测试 loss 都不比它高；它们离原默认 2e-4 最近）",
+    "target_modules": "（判据：all-linear 比 q_proj,v_proj 精确匹配更高或测试 loss 更低，即“效果不够时再加层”确有可加之处）",
+    "LoRA 与全量微调": "（判据：全量微调在精确匹配、字符相似度、测试 loss 上都不比 LoRA 好）",
 }
 
 
@@ -973,9 +984,13 @@ def comparison_words(result: dict) -> str:
 
 def section_tuning(root: Path, data: Path, link: str) -> str:
     lines = []
-    for knob, name, advice, deciding, holds in TUNING:
+    for knob, name, advice, deciding, read, holds in TUNING:
         compared = read_json(data / "experiments" / name / "comparisons.json")
         head = f"- **{knob}**（`configs/experiments/{name}.yaml`）：原指南：{advice}。"
+        if not compared and (data / "experiments" / name / "results.csv").is_file():
+            lines.append(f"{head}“实验建议”里这个实验的表来自旧的运行，没有逐个比较（comparisons.json），这里不下结论；"
+                         f"删除 `runs/{name}` 后运行 `zhlora experiment configs/experiments/{name}.yaml`，{REGENERATE}")
+            continue
         if not compared:
             lines.append(f"{head}{NOT_YET} 运行 `zhlora experiment configs/experiments/{name}.yaml`，{REGENERATE}")
             continue
@@ -987,9 +1002,9 @@ def section_tuning(root: Path, data: Path, link: str) -> str:
         for group, part in (compared.get("groups") or {}).items():  # the same, on one group's test rows alone
             lines += [f"  - 只看 {group} 组的测试行，`{point}`：{comparison_words(result)}。"
                       for point, result in part["points"].items()]
-        known = len(verdicts) == len(deciding) and all(v[m] not in (None, "unknown") for v in verdicts
-                                                       for m in ("exact_match", "test_loss"))
-        verdict = holds(verdicts if known else [])
+        known = holds and len(verdicts) == len(deciding) and all(v[m] not in (None, "unknown") for v in verdicts
+                                                                 for m in read)
+        verdict = holds(verdicts) if known else None
         if HOLDS_WORDS[verdict]:
             lines.append(f"  - {HOLDS_WORDS[verdict]}{TUNING_MEANING.get(knob, '')}。")
     return "\n".join(lines)

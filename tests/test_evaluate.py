@@ -363,6 +363,15 @@ def test_row_losses_add_up_to_the_test_loss(evaluated):
     assert scored and all(line["loss_tokens"] > 0 for line in scored)
     tokens = sum(line["loss_tokens"] for line in scored)
     assert sum(line["loss"] * line["loss_tokens"] for line in scored) / tokens == pytest.approx(results["test_loss"])
+    # and each loss is its own row's: the last row scored alone gives the loss written beside it
+    from zhlora.generation import load_run
+    from zhlora.teacher_forcing import forced_argmax
+
+    model, tokenizer, cfg = load_run(run, "cpu")
+    row = next(r for r in reversed(lines) if r["loss"] is not None)
+    sample = encode_sample(row | {"output": row["reference"]}, tokenizer, cfg.model.template, cfg.data.max_length)
+    (targets, _, loss_sum), = forced_argmax(model, tokenizer, [sample], 1)[0].values()
+    assert (len(targets), loss_sum / len(targets)) == (row["loss_tokens"], pytest.approx(row["loss"], rel=1e-4))
 
 
 def test_teacher_forced_exact_match_agrees_with_generation(evaluated):

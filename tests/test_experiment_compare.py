@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from zhlora.config import ConfigError
 from zhlora.cpu_share import SHARED_ABOVE, CpuShare, is_shared
 from zhlora.experiment_compare import compare, group_scores, seed_interval, timed_costs, verdict
 
@@ -45,6 +46,8 @@ def test_a_group_is_compared_on_its_own_rows_and_its_own_loss(tmp_path):
     assert digits["exact_match"]["rows"] == 10 and digits["exact_match"]["diff"] == -1.0
     assert digits["test_loss"]["diff"] > 0 and digits["test_loss"]["verdict"] == "higher"  # wrong rows cost 2x
     assert group_scores(weak[0], ["digits"])["test_loss"] == pytest.approx(2.0)
+    with pytest.raises(ConfigError, match="no test row of the tasks"):  # a misspelt task is not a blank column
+        group_scores(weak[0], ["digit"])
 
 
 def test_one_seed_gives_no_loss_interval_and_mismatched_rows_are_refused(tmp_path):

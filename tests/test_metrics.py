@@ -131,6 +131,9 @@ def test_a_tasks_test_loss_weighs_every_answer_token_the_same():
     rows = [{"loss": 1.0, "loss_tokens": 3}, {"loss": 3.0, "loss_tokens": 1}, {"loss": None, "loss_tokens": None}]
     assert metrics.token_mean_loss(rows) == pytest.approx((1.0 * 3 + 3.0) / 4)  # not (1 + 3) / 2
     assert metrics.token_mean_loss(rows[2:]) is None
+    # a row scored but without a finite loss (a diverged model) leaves the part without one, as the whole
+    assert metrics.token_mean_loss(rows + [{"loss": None, "loss_tokens": 5}]) is None
+    assert metrics.token_mean_loss(rows + [{"loss": float("nan"), "loss_tokens": 5}]) is None
 
 
 def test_scored_apart_tasks_stay_out_of_the_headline_exact_match():

@@ -3,6 +3,7 @@ the verdict on each of the guide's claims, and plain "not yet measured" where re
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -96,7 +97,9 @@ def test_absent_results_are_said_plainly(tmp_path):
     for name in ("lora_vs_full", "bench", "quick_start", "task_adapters", "distill"):
         assert "尚未测量" in generated(guide, name) and "|" not in generated(guide, name)  # no table, no number
     faq = generated(guide, "faq")
-    assert faq.count("| 未测量 | 未测量 |") == sum(len(shown) for *_, shown in mr.FAQ) and "`runs/faq/lr_high`" in faq
+    timed = sum(key in mr.FAQ_TIMED for *_, shown in mr.FAQ for key, _ in shown)  # from faq_timing: "待测"
+    assert faq.count("| 未测量 | 未测量 |") == sum(len(shown) for *_, shown in mr.FAQ) - timed > 0
+    assert faq.count("| 待测 | 待测 |") == timed > 0 and "`runs/faq/lr_high`" in faq
     experiments = generated(guide, "experiments")
     assert "#### r_ablation" in experiments and experiments.count("尚未测量") == 2
     assert "找不到 `zhlora/lora.py`" in generated(guide, "lora_code")
@@ -253,6 +256,38 @@ def test_tuning_advice_is_judged_by_its_rule_from_the_intervals(tmp_path):
     assert "**学习率**" in better and "尚未测量" in better.split("**学习率**")[1]  # no lr_ablation run yet
 
 
+def verdicts(**metrics):
+    return {m: {"diff": 0.1, "ci": [0.05, 0.15], "verdict": v} for m, v in metrics.items()}
+
+
+@pytest.mark.parametrize("name, points, expected", [
+    # the seed's default 2e-4 holds when the two nearest rates are no worse than 1e-3
+    ("lr_ablation", {"learning_rate=0.0003": verdicts(exact_match="same", test_loss="same"),
+                     "learning_rate=0.0001": verdicts(exact_match="lower", test_loss="same")}, "不成立"),
+    ("lr_ablation", {"learning_rate=0.0003": verdicts(exact_match="same", test_loss="same"),
+                     "learning_rate=0.0001": verdicts(exact_match="same", test_loss="same")}, "成立"),
+    # LoRA close to full: holds unless full is better on a metric; LoRA better still holds
+    ("lora_vs_full", {"method=full_learning_rate=5e-05": verdicts(exact_match="lower", avg_similarity="same",
+                                                                  test_loss="higher")}, "成立"),
+    ("lora_vs_full", {"method=full_learning_rate=5e-05": verdicts(exact_match="same", avg_similarity="higher",
+                                                                  test_loss="same")}, "不成立"),
+    # a verdict the rule reads is unknown (one seed): no judgement at all
+    ("lora_vs_full", {"method=full_learning_rate=5e-05": verdicts(exact_match="same", avg_similarity="unknown",
+                                                                  test_loss="same")}, None),
+])
+def test_tuning_rules(name, points, expected, tmp_path):
+    root = fake_root(tmp_path)
+    snapshot = root / "docs" / "results" / "data" / "experiments" / name
+    snapshot.mkdir(parents=True)
+    (snapshot / "comparisons.json").write_text(json.dumps({"reference": "ref", "seeds": [42, 43], "points": points}))
+    text = mr.section_tuning(root, root / "docs" / "results" / "data", "results/data")
+    line = next(b for b in text.split("\n- ") if f"`configs/experiments/{name}.yaml`" in b)
+    if expected is None:
+        assert "原建议在这里" not in line
+    else:
+        assert f"原建议在这里{expected}（判据" in line
+
+
 def test_an_experiment_with_groups_gets_a_table_and_verdicts_per_group(tmp_path):
     root = fake_root(tmp_path)
     points = {"train_file=mixed": [], "train_file=alpaca": []}
@@ -286,8 +321,8 @@ def test_faq_times_come_from_the_timing_experiment_of_the_same_commands():
     guide = (REPO / "docs" / "guide.md").read_text(encoding="utf-8")
     for case, point in mr.FAQ_TIMING_POINTS.items():
         command = next(line for line in guide.splitlines() if f"output.dir=runs/faq/{case}" in line)
-        for key, value in points[point].items():
-            assert f"{key}={str(value).lower()}" in command.lower(), (case, key)
+        overrides = {a for a in shlex.split(command) if "=" in a and not a.startswith("output.dir=")}
+        assert overrides == {f"{key}={str(value).lower()}" for key, value in points[point].items()}, case
 
 
 def test_quick_start_section_from_outputs(tmp_path):

@@ -240,14 +240,15 @@ def evaluate_adapters(adapters: list[tuple[str, Path]], output_dir: str | Path =
         run_cfg, test_path, rows = runs[name]
         print(f"[evaluate] adapter {name}: {len(rows)} rows of {test_path} "
               f"(data.tasks={run_cfg.data.tasks or 'all'}), device {used_device}")
+        precision = trained_precision(Path(path))
         score = functools.partial(score_model, model, tokenizer, rows, run_cfg, batch_size, max_new_tokens,
-                                  generate_samples, refill)
+                                  generate_samples, refill, precision)
         with answering_as(model, name):
             prompts, tuned, scores, summary = score()
         base = None
         if baseline:  # the same rows and prompts give the same base scores: score them once
             key = (str(test_path), tuple(sorted(run_cfg.data.tasks)), run_cfg.model.template,
-                   run_cfg.data.max_length, run_cfg.data.train_on_prompt)
+                   run_cfg.data.max_length, run_cfg.data.train_on_prompt, precision)
             if key not in base_runs:
                 print("[evaluate] baseline: the base model (every adapter disabled)")
                 with answering_as(model, "base"):

@@ -241,13 +241,17 @@ def zero_step_run(cfg: Config, folder: Path) -> None:
 
     from zhlora.adapter import apply_lora, count_parameters, save_trained
     from zhlora.models import load_model, resolve_model_path
+    from zhlora.training.setup import make_accelerator
 
     torch.manual_seed(cfg.training.seed)
     model, tokenizer = load_model(cfg.model)
     total = count_parameters(model)[1]
     save_trained(apply_lora(model, cfg), tokenizer, cfg, resolve_model_path(cfg.model.name), folder)
     save_config(cfg, folder / "config.yaml")
-    summary = {"method": "base", "model": cfg.model.name, "steps": 0, "trainable_params": 0, "total_params": total}
+    # the precision a training of this config would run in: evaluation's teacher forcing uses it too
+    precision = make_accelerator(cfg).mixed_precision
+    summary = {"method": "base", "model": cfg.model.name, "steps": 0, "trainable_params": 0, "total_params": total,
+               "mixed_precision": precision}
     write_json(folder / "train_summary.json", summary)
 
 

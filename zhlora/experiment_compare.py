@@ -31,6 +31,7 @@ import math
 import statistics
 from pathlib import Path
 
+from zhlora.config import ConfigError
 from zhlora.cpu_share import is_shared
 from zhlora.metrics import SCORED_APART, paired_bootstrap_ci, token_mean_loss
 
@@ -57,8 +58,11 @@ def prediction_lines(run: Path, tasks: list[str] | None = None) -> list[dict]:
 
 def group_scores(run: Path, tasks: list[str]) -> dict:
     """{GROUPED metric: value} over the test rows of these tasks only (an experiment's `groups`):
-    means of the per-row scores, and the test loss of just these rows (every token weighs the same)."""
+    means of the per-row scores, and the test loss of just these rows (every token weighs the same).
+    A group scores exactly the tasks it lists, a SCORED_APART one too if it is listed."""
     rows = prediction_lines(run, tasks)
+    if not rows:  # a misspelt task would otherwise give a column of blanks
+        raise ConfigError(f"groups: {run}/predictions.jsonl has no test row of the tasks {tasks}")
 
     def mean(field):
         values = [float(r[field]) for r in rows if r.get(field) is not None]

@@ -228,7 +228,10 @@ def _mean(values: list) -> float | None:
 
 def token_mean_loss(scores: list[dict]) -> float | None:
     """Mean cross-entropy per answer token over rows carrying loss and loss_tokens (evaluate.score_row):
-    the test loss of just these rows, every token weighing the same as in the whole test loss."""
+    the test loss of just these rows, every token weighing the same as in the whole test loss. None
+    if a scored row has no finite loss (a diverged model: its file holds null), as the whole one would be."""
+    if any(s.get("loss_tokens") and (s.get("loss") is None or not math.isfinite(s["loss"])) for s in scores):
+        return None
     kept = [(s["loss"], s["loss_tokens"]) for s in scores if s.get("loss") is not None and s.get("loss_tokens")]
     tokens = sum(n for _, n in kept)
     return sum(loss * n for loss, n in kept) / tokens if tokens else None

@@ -14,8 +14,9 @@ source) has its own loss too.
 Two choices make the pass cheaper without changing what it measures (the quick start's 300
 test rows, SmolLM2-135M with bf16 frozen weights and LoRA on every linear layer, 2-core CPU:
 30 s before, about 17 s after):
-- rows go through in length order, so a batch pads its rows to similar lengths; each row's
-  scores do not depend on what it is batched with (tests/test_evaluate.py checks it);
+- rows go through in length order, so a batch pads its rows to similar lengths; in fp32 a row's
+  scores do not depend on what it is batched with (tests/test_evaluate.py checks it); under bf16
+  the rounding may differ with the batch's shape, as it does between any two bf16 runs;
 - the pass runs in the precision training ran in (train_summary.json's mixed_precision: bf16
   autocast for the quick start), as training computed its validation loss. Without it the
   fp32 LoRA weights make every adapted layer cast its bf16 input to fp32 and back.
@@ -52,12 +53,14 @@ def teacher_forced(model, tokenizer, rows: list[dict], cfg: Config, batch_size: 
 
 
 def autocast(model, precision: str | None):
-    """torch.autocast for training's mixed_precision; none for "no"/None, and no fp16 off CUDA
-    (fp16 runs ~100x slower on a CPU, where training would have refused it)."""
+    """torch.autocast for training's mixed_precision; none for "no"/None, no fp16 off CUDA (fp16 runs
+    ~100x slower on a CPU, where training would have refused it), and no bf16 on a GPU without it
+    (a run trained on one GPU may be evaluated on another)."""
     import torch
 
     device = next(model.parameters()).device.type
-    if precision not in AUTOCAST or (precision == "fp16" and device != "cuda"):
+    if precision not in AUTOCAST or (precision == "fp16" and device != "cuda") or (
+            precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported()):
         return nullcontext()
     return torch.autocast(device, dtype=getattr(torch, AUTOCAST[precision]))
 
