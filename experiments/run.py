@@ -9,4 +9,4 @@ import sys
 from zhlora.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["experiment", *sys.argv[1:]]))
+    sys.exit(main(["experiment", *sys.argv[1:]], entry=True))

@@ -276,3 +276,20 @@ def test_points_that_set_different_keys_share_one_table(tmp_path):
     write_markdown(exp, rows, tmp_path, "zhlora experiment p.yaml")
     table = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| r=8")]
     assert table[0].startswith("| r=8 | 8 | - |") and table[1].startswith("| r=8_progressive | 8 | [16@20] |")
+
+
+def test_a_sweep_started_as_a_command_takes_the_allocator_training_would(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                         monkeypatch):
+    """`zhlora experiment` runs trainings, so like `zhlora train` it starts itself again with jemalloc
+    when the config asks for it (allocator.py); called from Python it never does."""
+    import argparse
+
+    chosen = []
+    monkeypatch.setattr(experiment.allocator, "use", chosen.append)
+    monkeypatch.setattr(experiment, "run_experiment", lambda *args: None)
+    path = write_experiment(tmp_path, tiny_model_dir, tiny_data_dir, grid={"lora.r": [2]})
+    args = argparse.Namespace(experiment=str(path), output_dir=None, overrides=["training.allocator=system"])
+    experiment.run(argparse.Namespace(**vars(args), entry=False))
+    assert chosen == []
+    experiment.run(argparse.Namespace(**vars(args), entry=True))
+    assert chosen == ["system"]

@@ -59,6 +59,7 @@ from pathlib import Path
 
 import yaml
 
+from zhlora import allocator
 from zhlora.config import Config, ConfigError, config_from_dict, load_config, parse_override, save_config
 from zhlora.data import DataError
 from zhlora.experiment_compare import GROUPED, compare, group_scores, timed_costs
@@ -248,8 +249,7 @@ def zero_step_run(cfg: Config, folder: Path) -> None:
     total = count_parameters(model)[1]
     save_trained(apply_lora(model, cfg), tokenizer, cfg, resolve_model_path(cfg.model.name), folder)
     save_config(cfg, folder / "config.yaml")
-    # the precision a training of this config would run in: evaluation's teacher forcing uses it too
-    precision = make_accelerator(cfg).mixed_precision
+    precision = make_accelerator(cfg).mixed_precision  # as training would: evaluation's teacher forcing uses it
     summary = {"method": "base", "model": cfg.model.name, "steps": 0, "trainable_params": 0, "total_params": total,
                "mixed_precision": precision}
     write_json(folder / "train_summary.json", summary)
@@ -393,5 +393,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.entry:  # its runs are trainings: the process takes the allocator training would (allocator.py)
+        exp = load_experiment(args.experiment, args.overrides)
+        allocator.use(load_config(exp.base_config, exp.overrides).training.allocator)
     run_experiment(args.experiment, args.output_dir, args.overrides)
     return 0
