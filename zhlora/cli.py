@@ -115,18 +115,22 @@ def _load_training(args):
 
 def cmd_train(args) -> int:
     from zhlora.train import train
+    from zhlora.training.setup import end_process_group
 
     train(_load_training(args))
+    end_process_group()  # a torchrun worker: before exit, not at it
     return 0
 
 
 def cmd_distill(args) -> int:
     from zhlora.train import train
+    from zhlora.training.setup import end_process_group
 
     cfg = _load_training(args)
     if not cfg.training.distill_teacher:
         raise ConfigError("training.distill_teacher: distill needs a teacher (a model or a run folder)")
     train(cfg)
+    end_process_group()
     return 0
 
 
