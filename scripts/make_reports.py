@@ -969,6 +969,9 @@ TUNING_MEANING = {  # what "holds" means for each knob, so the judgement can be 
 }
 
 
+SHORT_VERDICTS = {"higher": "更高", "lower": "更低", "same": "相当", "unknown": "无法判断"}
+
+
 def comparison_words(result: dict) -> str:
     """One point's differences from the reference, each with its interval and verdict word."""
     parts = []
@@ -978,7 +981,7 @@ def comparison_words(result: dict) -> str:
             continue
         ci = r.get("ci")
         parts.append(f"{word} {r['diff']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
-                     + f"（{VERDICT_WORDS[r['verdict']]}）")
+                     + f"（{SHORT_VERDICTS[r['verdict']]}）")
     return "，".join(parts)
 
 
