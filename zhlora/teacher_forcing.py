@@ -13,7 +13,7 @@ source) has its own loss too.
 
 Two choices make the pass cheaper without changing what it measures (the quick start's 300
 test rows, SmolLM2-135M with bf16 frozen weights and LoRA on every linear layer, 2-core CPU:
-30 s before, about 17 s after):
+22-30 s before, 15-21 s after, one pass each, sweeps paused):
 - rows go through in length order, so a batch pads its rows to similar lengths; in fp32 a row's
   scores do not depend on what it is batched with (tests/test_evaluate.py checks it); under bf16
   the rounding may differ with the batch's shape, as it does between any two bf16 runs;
