@@ -762,16 +762,21 @@ def verdict_lines(comparisons: dict | None, group: str | None = None) -> list[st
              "每行先对种子取平均，区间反映测试题的抽样误差；测试 loss：按种子配对的 t 区间；95% 区间不含 0 才算有差别"
              + ("；只有 1 个种子，换种子带来的波动不在区间里" if seeds == 1 else "") + "）：", ""]
     for point, result in points.items():
-        parts = []
-        for metric, word in METRIC_WORDS.items():
-            r = result.get(metric) or {}
-            if r.get("diff") is None:
-                continue
-            ci = r.get("ci")
-            interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
-            parts.append(f"{word} {r['diff']:+.3f}{interval} → {VERDICT_WORDS[r['verdict']]}")
-        lines.append(f"- `{point}`：" + "；".join(parts) + "。")
+        lines.append(f"- `{point}`：" + "；".join(f"{said} → {VERDICT_WORDS[verdict]}"
+                                                for said, verdict in differences(result)) + "。")
     return lines
+
+
+def differences(result: dict) -> list[tuple[str, str]]:
+    """(「精确匹配 +0.098 [+0.049, +0.152]」, verdict) for each metric of one point's comparison
+    with the reference that has a difference; the callers word the verdict their own way."""
+    said = []
+    for metric, word in METRIC_WORDS.items():
+        r = result.get(metric) or {}
+        if r.get("diff") is not None:
+            ci = r.get("ci")
+            said.append((f"{word} {r['diff']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""), r["verdict"]))
+    return said
 
 
 GROUP_METRICS = {"exact_match": "精确匹配", "avg_similarity": "字符相似度", "rouge_l": "ROUGE-L（0-1）", "test_loss": "测试 loss"}
@@ -974,15 +979,7 @@ SHORT_VERDICTS = {"higher": "更高", "lower": "更低", "same": "相当", "unkn
 
 def comparison_words(result: dict) -> str:
     """One point's differences from the reference, each with its interval and verdict word."""
-    parts = []
-    for metric, word in METRIC_WORDS.items():
-        r = result.get(metric) or {}
-        if r.get("diff") is None:
-            continue
-        ci = r.get("ci")
-        parts.append(f"{word} {r['diff']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
-                     + f"（{SHORT_VERDICTS[r['verdict']]}）")
-    return "，".join(parts)
+    return "，".join(f"{said}（{SHORT_VERDICTS[verdict]}）" for said, verdict in differences(result))
 
 
 def section_tuning(root: Path, data: Path, link: str) -> str:
