@@ -44,7 +44,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from zhlora.files import write_atomic
-from zhlora.metrics import LABELS, SCORED_APART
+from zhlora.metrics import LABELS, SCORED_APART, share_scale
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE, REPORT, SNAPSHOT = Path("docs/guide.md"), Path("docs/results/performance.md"), Path("docs/results/data")
@@ -798,11 +798,9 @@ def group_sections(rows: list[dict], comparisons: dict | None) -> list[str]:
 
 
 def scaled(row: dict, metric: str) -> dict:
-    """rouge_l on the 0-1 scale of the other shares (evaluate writes it x 100, as rouge-chinese does)."""
-    if not metric.startswith("rouge_l"):
-        return row
-    return {**row, **{f"{metric}{end}": None if number(row.get(f"{metric}{end}")) is None
-                      else number(row[f"{metric}{end}"]) / 100 for end in ("_mean", "_std")}}
+    """The row with this metric's mean and std on the 0-1 scale of the shares (metrics.share_scale)."""
+    return {**row, **{f"{metric}{end}": share_scale(metric, number(row.get(f"{metric}{end}")))
+                      for end in ("_mean", "_std")}}
 
 
 def timed_cell(row: dict, name: str, digits: int = 1) -> str:
@@ -884,7 +882,7 @@ def section_distill(root: Path, data: Path, link: str) -> str:
     metrics = ("exact_match", "success_rate", "avg_similarity", "rouge_l", "test_loss")
 
     def cells(results: dict) -> list[str]:  # rouge_l on the 0-1 scale of the others (the guide's step 4)
-        return [fmt(None if results.get(m) is None else results[m] / (100 if m == "rouge_l" else 1)) for m in metrics]
+        return [fmt(share_scale(m, results.get(m))) for m in metrics]
 
     rows = [["学生，蒸馏前（抽层后的模型，无 adapter）", *cells(student.get("baseline", {}))],
             ["学生，蒸馏后", *cells(student)],

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt
 
 from zhlora.experiment_compare import TIMED
 from zhlora.files import save_png, write_if_changed
+from zhlora.metrics import share_scale
 from zhlora.plots import chinese_labels  # importing plots also selects the Agg backend: files, no window
 
 QUALITY = ["exact_match", "success_rate", "avg_similarity", "rouge_l", "test_loss"]  # mean and std over seeds
@@ -82,18 +83,13 @@ def write_markdown(exp, rows: list[dict], output_dir: Path, command: str) -> Non
     header = ["point", *keys, *measured, *COSTS]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        quality = [_cell(_unit(m, row[f"{m}_mean"])) + ("" if row[f"{m}_std"] is None
-                                                        else f" ± {_cell(_unit(m, row[f'{m}_std']))}")
+        quality = [_cell(share_scale(m, row[f"{m}_mean"])) + ("" if row[f"{m}_std"] is None
+                                                        else f" ± {_cell(share_scale(m, row[f'{m}_std']))}")
                    for m in measured]
         lines.append("| " + " | ".join([row["point"], *(row.get(k, "-") for k in keys), *quality,
                                          *(_cell(row[c]) for c in COSTS)]) + " |")
     lines += ["", *(f"![{p.name}]({p.name})" for p in sorted(output_dir.glob("quality_vs_*.png")))]
     write_if_changed(output_dir / "results.md", ("\n".join(lines) + "\n").encode())
-
-
-def _unit(metric: str, value):
-    """rouge_l on the 0-1 scale of the other shares (evaluate reports it x 100, as rouge-chinese does)."""
-    return value / 100 if metric.split("@")[0] == "rouge_l" and value is not None else value
 
 
 def _number(text: str) -> float | None:
