@@ -745,6 +745,18 @@ def _experiment_size(path: Path) -> str:
     return f"（{points} 个点 × {seeds} 个种子 = {points * seeds} 次训练{length}；{tested}）"
 
 
+def _run_devices(folder: Path) -> str:
+    """A sentence when an experiment's runs trained somewhere other than a CPU (train_summary.json's
+    `device`), since every other table of the guide comes from the 2-core CPU."""
+    summaries = [read_json(p) or {} for p in sorted(folder.glob("*/seed*/train_summary.json"))]
+    elsewhere = sorted({f"`{s.get('device')}`，{s.get('mixed_precision')} 混合精度" for s in summaries
+                        if s.get("device") not in (None, "cpu")})
+    if not elsewhere:
+        return ""
+    return (f"本实验的训练与评估在 GPU 上运行（{'；'.join(elsewhere)}，见各次的 `train_summary.json`），"
+            "不是其他各表所用的 2 核 CPU：同样的设置与种子，换了硬件，数值会有细小差别，所以只在本表内部比较。")
+
+
 VERDICT_WORDS = {"higher": "更高", "lower": "更低", "same": "相当（区间含 0）", "unknown": "无法判断（不足两个种子）"}
 METRIC_WORDS = {"exact_match": "精确匹配", "avg_similarity": "字符相似度", "test_loss": "测试 loss"}
 
@@ -824,6 +836,8 @@ def section_experiments(root: Path, data: Path, link: str) -> str:
         size = _experiment_size(configs / f"{name}.yaml")
         lines += [f"#### {name}", "", f"`zhlora experiment configs/experiments/{name}.yaml`" + (f" {size}" if size else ""), ""]
         rows = read_results(data / "experiments" / name)
+        where = _run_devices(data / "experiments" / name)
+        lines += [where, ""] if where else []
         if not rows:
             lines += [f"{NOT_YET} 运行上面的命令，{REGENERATE}", ""]
             continue
