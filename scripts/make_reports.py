@@ -332,7 +332,8 @@ def claim_time(lora: dict, full: dict) -> tuple | None:
         return None
     ratio = tl / tf
     ok = ratio <= THRESHOLDS["time"]
-    return ("每步秒数", fmt(tl), fmt(tf), f"{ratio:.2f}", "1/3", _verdict(ok),
+    return ("每步秒数", timed_cell(lora, "seconds_per_step", 3), timed_cell(full, "seconds_per_step", 3), f"{ratio:.2f}", "1/3",
+            _verdict(ok),
             f"实测 LoRA 一步是全量的 {ratio:.2f}。前向约占一步计算的 1/3，反向 2/3（一半求输入的梯度 dX，一半求权重的"
             f"梯度 dW）；冻结的层仍要算 dX 才能把梯度传回更早的层，LoRA 只省掉 dW，所以单看计算量一步约是全量的 2/3，"
             f"另外省掉 {nf:,.0f} 个参数的 AdamW 更新。"
@@ -362,7 +363,8 @@ def claim_memory(lora: dict, full: dict) -> tuple | None:
                 + ("" if ok else "模型越小、序列越短，这部分占比越大，1/4 越难达到。"))
     else:
         why += "实测峰值比这个估计还低，估计不适用（权重不是按上述字节数存放）。"
-    return ("峰值内存 MB", fmt(ml), fmt(mf), f"{ratio:.2f}", "1/4", _verdict(ok), why)
+    return ("峰值内存 MB", timed_cell(lora, "peak_memory_mb", 0), timed_cell(full, "peak_memory_mb", 0), f"{ratio:.2f}", "1/4",
+            _verdict(ok), why)
 
 
 def claim_storage(lora: dict, full: dict) -> tuple | None:
@@ -420,7 +422,9 @@ def section_lora_vs_full(root: Path, data: Path, link: str) -> str:
     model = lora["summary"].get("model") or lora["config"].get("model", {}).get("name", "?")
     lines = [f"`zhlora experiment configs/experiments/lora_vs_full.yaml`，模型 `{model}`，设备 "
              f"`{lora['summary'].get('device', '?')}`，混合精度 `{lora['summary'].get('mixed_precision', '?')}`。"
-             "数据：`docs/results/data/experiments/lora_vs_full/`。", ""]
+             "数据：`docs/results/data/experiments/lora_vs_full/`。"
+             + ("每步秒数与峰值内存是独占 CPU 的运行的中位数（括号里是范围），比值用中位数算。"
+                if timed(lora, "seconds_per_step") and timed(full, "seconds_per_step") else ""), ""]
     checked = claims(lora, full)
     lines += table(["指标", "LoRA", "全量微调", "LoRA / 全量", "指南的说法", "在此规模"],
                    [list(c[:6]) for c in checked])
@@ -529,6 +533,9 @@ def section_quick_start(root: Path, data: Path, link: str) -> str:
         lines += [f"总用时 {timing['total'] / 60:.1f} 分钟（一次运行）：" + "，".join(
             f"{zh} {timing[key]:.0f} 秒" for key, zh in STAGES if key in timing) + "。" + alone
             + (f"评估占总用时的 {100 * timing['evaluate'] / timing['total']:.0f}%。" if "evaluate" in timing else ""), ""]
+    repeated = read_json(data / "bench" / "quick_start.json")
+    if repeated and (repeated.get("repeats") or 0) >= 3:
+        lines += [quick_start_repeats(repeated), ""]
     lines += [*table(["训练", "数值"], [
         ["可训练参数", f"{summary['trainable_params']:,} / {summary['total_params']:,} "
                       f"（{summary['trainable_percent']:.2f}%）"],
@@ -543,6 +550,18 @@ def section_quick_start(root: Path, data: Path, link: str) -> str:
     lines += demo_examples(folder / "demo_heldout.jsonl")
     lines += ["", *(f"![{p.stem}]({link}/outputs/{p.name})" for p in sorted(folder.glob("*.png")))]
     return "\n".join(lines).rstrip()
+
+
+def quick_start_repeats(bench: dict) -> str:
+    """The quick start run from scratch 3 or more times (bench/quick_start.py): median (range) of each
+    stage over the runs that had the CPU alone, and evaluation's share of the whole."""
+    def cell(key: str, scale: float = 1.0, unit: str = " 秒", digits: int = 0) -> str:
+        low, high = bench[f"{key}_range"]
+        return f"{bench[key] * scale:.{digits}f}{unit}（{low * scale:.{digits}f}–{high * scale:.{digits}f}）"
+    return (f"`python bench/quick_start.py` 在空闲的机器上从头运行 {bench['repeats']} 次（{date_words(bench.get('date'))}），"
+            f"中位数（范围）：总用时 {cell('total', 1 / 60, ' 分钟', 1)}，"
+            + "，".join(f"{zh} {cell(key)}" for key, zh in STAGES if bench.get(key) is not None)
+            + f"；评估占总用时的 {cell('evaluate_share', 100, '%', 1)}。")
 
 
 def task_rows(results: dict) -> list[list[str]]:
@@ -824,6 +843,25 @@ def timed_cell(row: dict, name: str, digits: int = 1) -> str:
     return fmt(value, digits) + (f"（{span([number(low), number(high)], digits)}）" if high else "")
 
 
+# The same setting measured in two experiments (the quick start's LoRA at 100 steps): how far apart two
+# timed medians of one setting fall, so that speeds are compared within a table only.
+SAME_SETTING = (("r_ablation", "r=16_lora_alpha=32"), ("lora_vs_full", "method=lora_learning_rate=0.001"))
+
+
+def same_setting_speeds(data: Path) -> str:
+    speeds = []
+    for name, point in SAME_SETTING:
+        row = next((r for r in read_results(data / "experiments" / name) or [] if r["point"] == point), None)
+        speed = timed(row, "supervised_tokens_per_s") if row else None
+        if speed is None:
+            return ""
+        speeds.append(speed)
+    (a_name, a_point), (b_name, b_point) = SAME_SETTING
+    return (f"速度只在同一张表内比较：{a_name} 的 `{a_point}` 与 {b_name} 的 `{b_point}` 是同一个设置，在不同时间各测了 3 次，"
+            f"都独占 CPU，中位数却是 {speeds[0]:.1f} 与 {speeds[1]:.1f} 监督 token/s，相差 {abs(speeds[0] / speeds[1] - 1):.0%}。"
+            "跨表的速度差别在这个幅度以内不算数。")
+
+
 def section_experiments(root: Path, data: Path, link: str) -> str:
     configs = root / "configs" / "experiments"
     names = {p.stem for p in configs.glob("*.yaml")} | {p.name for p in (data / "experiments").glob("*") if p.is_dir()}
@@ -831,7 +869,7 @@ def section_experiments(root: Path, data: Path, link: str) -> str:
     lines = ["各表的指标：精确匹配（exact_match，答案与参考逐字相同的比例，0-1）、字符相似度（avg_similarity，"
              "0-1）、测试 loss（test_loss，测试集回答部分每个 token 的平均交叉熵，越低越好），均为各种子的均值 ± 标准差。"
              "速度（监督 token/s）与峰值内存只取独占 CPU 的运行（`train_summary.json` 的 `cpu_others_share` ≤ 0.05），"
-             "至少 3 次时给中位数（范围），否则留空。", ""]
+             "至少 3 次时给中位数（范围），否则留空。" + same_setting_speeds(data), ""]
     for name in names:
         size = _experiment_size(configs / f"{name}.yaml")
         lines += [f"#### {name}", "", f"`zhlora experiment configs/experiments/{name}.yaml`" + (f" {size}" if size else ""), ""]

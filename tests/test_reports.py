@@ -113,8 +113,10 @@ def test_lora_vs_full_rows_beside_the_claims(tmp_path):
     assert mr.main(["--root", str(root)]) == 0
     report = (root / "docs" / "results" / "performance.md").read_text(encoding="utf-8")
     assert "| 可训练参数 | 921,600 | 134,515,008 | 0.69% | 减少 99.8% | 不成立 |" in report
-    assert "| 每步秒数 | 2.600 | 6.000 | 0.43 | 1/3 | 不成立 |" in report
-    assert "| 峰值内存 MB | 1,800 | 3,900 | 0.46 | 1/4 | 不成立 |" in report
+    # time and memory: the median of the timed runs, with their range
+    assert "| 每步秒数 | 2.600（2.500–2.700） | 6.000（5.900–6.100） | 0.43 | 1/3 | 不成立 |" in report
+    assert "| 峰值内存 MB | 1,800（1,790–1,810） | 3,900（3,890–3,910） | 0.46 | 1/4 | 不成立 |" in report
+    assert "每步秒数与峰值内存是独占 CPU 的运行的中位数（括号里是范围）" in report
     assert "| 保存大小 MB | 3.518 | 513.2 | 0.69% | 几 MB | 成立 |" in report
     assert "| 精确匹配 | 0.400 ± 0.050 | 0.350 ± 0.050 | +0.050 | 接近全量 | 相当 |" in report
     # each verdict is the interval's: a tie on exact match, full fine-tuning better on similarity and loss
@@ -362,6 +364,7 @@ def test_quick_start_section_from_outputs(tmp_path):
     assert "| cn2num | 30 | 0.000 | 0.600 | [0.420, 0.750] |" in section and "| open_qa |" not in section
     assert "| self_cognition（单独计分） | 6 | 0.000 | 1.000 | [0.610, 1.000] |" in section
     assert "总用时 9.1 分钟（一次运行）：第二步 数据 10 秒，第三步 训练 400 秒，第四步 评估 90 秒" in section
+    assert "bench/quick_start.py" not in section  # no repeated timing yet
     assert "两种判定有 9 行一致" in section and "各指标的定义见“第四步：评估”的指标表。" in section
     # the held-out demo: the tally, then one example per task, a pipe inside an answer escaped
     assert "| cn2num | 2 | 1 | 2 |" in section
@@ -467,3 +470,54 @@ def test_the_snapshot_names_no_path_of_this_machine(tmp_path):
               / "train_summary.json").read_text(encoding="utf-8")
     assert str(root) not in copied and str(Path.home()) not in copied
     assert f'"runs/lora_vs_full/{LORA["point"]}/seed42"' in copied and '"~/.cache/zhlora/m"' in copied
+
+
+def test_the_quick_start_timed_from_scratch_three_times(tmp_path):
+    """bench/quick_start.py's medians and ranges join the quick-start section; fewer than 3 idle runs do not."""
+    root = fake_root(tmp_path)
+    (root / "outputs").mkdir()
+    (root / "outputs" / "train_summary.json").write_text(json.dumps(
+        {"model": "m", "device": "cpu", "trainable_params": 1, "total_params": 2, "trainable_percent": 50.0}), "utf-8")
+    bench = {"date": "2026-12-01T01:00:00+00:00", "repeats": 3, "dropped": 1, "total": 360.0, "total_range": [350.0, 372.0],
+             "prepare": 4.0, "prepare_range": [4.0, 5.0], "evaluate": 72.0, "evaluate_range": [70.0, 75.0],
+             "evaluate_share": 0.2, "evaluate_share_range": [0.19, 0.21]}
+    (root / "bench" / "results").mkdir(parents=True)
+    (root / "bench" / "results" / "quick_start.json").write_text(json.dumps(bench), "utf-8")
+    assert mr.main(["--root", str(root)]) == 0
+    section = generated((root / "docs" / "guide.md").read_text(encoding="utf-8"), "quick_start")
+    assert ("`python bench/quick_start.py` 在空闲的机器上从头运行 3 次（2026 年 12 月 1 日），中位数（范围）："
+            "总用时 6.0 分钟（5.8–6.2），第二步 数据 4 秒（4–5），第四步 评估 72 秒（70–75）；评估占总用时的 20.0%（19.0–21.0）。"
+            in section)
+    (root / "bench" / "results" / "quick_start.json").write_text(json.dumps({**bench, "repeats": 2}), "utf-8")
+    assert mr.main(["--root", str(root)]) == 0
+    assert "bench/quick_start.py" not in generated((root / "docs" / "guide.md").read_text(encoding="utf-8"), "quick_start")
+
+
+def test_an_experiment_run_on_a_gpu_says_so(tmp_path):
+    root = fake_root(tmp_path)
+    rows = [row("r=16_lora_alpha=32", {"lora.r": 16, "lora.lora_alpha": 32}, {"exact_match": (0.31, 0.02)},
+                trainable_params=921_600, timed_runs=2, adapter_size_mb=3.52)]
+    write_experiment(root, "r_ablation", rows, {"r=16_lora_alpha=32": []})
+    for seed in ("seed42", "seed43"):
+        run = root / "runs" / "r_ablation" / "r=16_lora_alpha=32" / seed
+        summary = json.loads((run / "train_summary.json").read_text(encoding="utf-8")) if (run / "train_summary.json").is_file() else {}
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "train_summary.json").write_text(json.dumps({**summary, "device": "cuda", "mixed_precision": "bf16"}), "utf-8")
+    assert mr.main(["--root", str(root)]) == 0
+    experiments = generated((root / "docs" / "guide.md").read_text(encoding="utf-8"), "experiments")
+    r_ablation = experiments.split("#### r_ablation")[1].split("####")[0]
+    assert "本实验的训练与评估在 GPU 上运行（`cuda`，bf16 混合精度" in r_ablation
+    assert "GPU" not in experiments.split("#### lora_vs_full")[1].split("####")[0]
+
+
+def test_one_setting_timed_in_two_experiments_bounds_cross_table_speed_claims(tmp_path):
+    root = fake_root(tmp_path)
+    timed_lora = dict(trainable_params=921_600, supervised_tokens_per_s=100.0, supervised_tokens_per_s_range="95~104",
+                      timed_runs=3, adapter_size_mb=3.52)
+    write_experiment(root, "r_ablation", [row("r=16_lora_alpha=32", {"lora.r": 16}, {"exact_match": (0.5, 0.1)},
+                                              **timed_lora)], {"r=16_lora_alpha=32": []})
+    write_experiment(root, "lora_vs_full", [{**LORA, "supervised_tokens_per_s": 80.0}, FULL], RECIPES)
+    assert mr.main(["--root", str(root)]) == 0
+    experiments = generated((root / "docs" / "guide.md").read_text(encoding="utf-8"), "experiments")
+    assert ("r_ablation 的 `r=16_lora_alpha=32` 与 lora_vs_full 的 `method=lora_learning_rate=0.001` 是同一个设置"
+            in experiments and "中位数却是 100.0 与 80.0 监督 token/s，相差 25%" in experiments)
