@@ -510,6 +510,13 @@ def test_an_experiment_run_on_a_gpu_says_so(tmp_path):
     assert "GPU" not in experiments.split("#### lora_vs_full")[1].split("####")[0]
 
 
+def test_the_faq_timing_sweep_stays_out_of_the_experiment_tables(tmp_path):
+    root = fake_root(tmp_path)
+    shutil.copy(REPO / "configs" / "experiments" / "faq_timing.yaml", root / "configs" / "experiments" / "faq_timing.yaml")
+    assert mr.main(["--root", str(root)]) == 0
+    assert "#### faq_timing" not in generated((root / "docs" / "guide.md").read_text(encoding="utf-8"), "experiments")
+
+
 def test_one_setting_timed_in_two_experiments_bounds_cross_table_speed_claims(tmp_path):
     root = fake_root(tmp_path)
     timed_lora = dict(trainable_params=921_600, supervised_tokens_per_s=100.0, supervised_tokens_per_s_range="95~104",
