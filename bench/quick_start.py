@@ -39,7 +39,7 @@ def one_run(folder: Path) -> dict:
 
 def medians(runs: list[dict]) -> dict:
     """Median and [min, max] of each stage over the runs that had the CPU alone; None when none did."""
-    kept = [r for r in runs if r["cpu_others_share"] <= SHARED_ABOVE]
+    kept = [r for r in runs if (r["cpu_others_share"] or 0.0) <= SHARED_ABOVE]  # None: no /proc/stat to ask
     out = {"repeats": len(kept), "dropped": len(runs) - len(kept)}
     for key in (*STAGES, "evaluate_share"):
         values = [r[key] for r in kept]
