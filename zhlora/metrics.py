@@ -88,12 +88,6 @@ HEADLINE = ["success_rate", "avg_similarity", "avg_generation_time", "avg_length
             "bleu_4", "rouge_1", "rouge_2", "rouge_l", "exact_match"]
 DELTA_METRICS = [*HEADLINE, "test_loss", "perplexity"]  # reported fine-tuned, base, and their difference
 CI_METRICS = ["success_rate", "avg_similarity", "exact_match", "bleu_4", "rouge_l"]
-def share_scale(metric: str, value):
-    """A metric on the 0-1 scale of the other shares, for tables: rouge_l (and rouge_l@group) is
-    written x 100, as rouge-chinese and LLaMA-Factory report it; the rest pass unchanged."""
-    return value / 100 if metric.split("@")[0] == "rouge_l" and value is not None else value
-
-
 RATES = {"success_rate", "exact_match"}  # per-sample 0/1: their ci is Wilson's, not the bootstrap's
 Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 # metric -> (中文, English): the one display name of each metric, wherever it is shown
@@ -210,6 +204,12 @@ def delta_ci(scores: list[dict], base_scores: list[dict]) -> dict[str, list[floa
         ci = paired_bootstrap_ci(values(scores), values(base_scores))
         out[name] = None if ci is None else list(ci)
     return out
+
+
+def share_scale(metric: str, value):
+    """A metric on the 0-1 scale of the other shares, for tables: rouge_l (and rouge_l@group) is
+    written x 100, as rouge-chinese and LLaMA-Factory report it; the rest pass unchanged."""
+    return value / 100 if metric.split("@")[0] == "rouge_l" and value is not None else value
 
 
 def metric_label(name: str, with_key: bool = True) -> str:
