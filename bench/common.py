@@ -222,6 +222,14 @@ def figures(run: dict, supervised: int, tokens: int) -> dict:
             "train_seconds": run["train_seconds"], "steps": run["steps"]}
 
 
+def idle_runs(runs: list[dict]) -> list[dict]:
+    """The runs during which other programs took at most cpu_share.SHARED_ABOVE of the CPU; a run
+    with no reading (measured before it was recorded, or no /proc/stat) counts."""
+    from zhlora.cpu_share import SHARED_ABOVE
+
+    return [r for r in runs if (r.get("cpu_others_share") or 0.0) <= SHARED_ABOVE]
+
+
 def median_of(runs: list[dict]) -> dict:
     """Median of each numeric figure over repeats, plus [min, max] of the headline one.
 
@@ -229,9 +237,7 @@ def median_of(runs: list[dict]) -> dict:
     out (it stays in the result's `runs`, and `dropped` counts it); runs measured before the
     share was recorded have none and count. If every run was shared, the figures are those of
     all runs and `repeats` is 0, so no headline ratio is taken from them (summarize.best_of)."""
-    from zhlora.cpu_share import SHARED_ABOVE
-
-    kept = [r for r in runs if (r.get("cpu_others_share") or 0.0) <= SHARED_ABOVE]
+    kept = idle_runs(runs)
     used = kept or runs
     keys = [k for k, v in used[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     out = {k: statistics.median(r[k] for r in used if k in r) for k in keys}

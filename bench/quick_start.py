@@ -19,9 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import REPO, WORK, machine, run_measured, write_result
-
-from zhlora.cpu_share import SHARED_ABOVE
+from common import REPO, WORK, idle_runs, machine, run_measured, write_result
 
 STAGES = ("prepare", "train", "evaluate", "plot", "demo", "total")
 
@@ -39,7 +37,7 @@ def one_run(folder: Path) -> dict:
 
 def medians(runs: list[dict]) -> dict:
     """Median and [min, max] of each stage over the runs that had the CPU alone; None when none did."""
-    kept = [r for r in runs if (r["cpu_others_share"] or 0.0) <= SHARED_ABOVE]  # None: no /proc/stat to ask
+    kept = idle_runs(runs)
     out = {"repeats": len(kept), "dropped": len(runs) - len(kept)}
     for key in (*STAGES, "evaluate_share"):
         values = [r[key] for r in kept]
