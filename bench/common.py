@@ -92,7 +92,8 @@ def parse_variants(text: str, repeats: int, known: list[str]) -> dict[str, int]:
 
 def switch_variants(device: str) -> dict[str, list[str]]:
     """One zhlora variant per speed switch, each adding one switch to the one before, so each
-    row of the table shows that switch's effect. zhlora_fastest is the quick start's setting
+    row of the table shows that switch's effect (zhlora_compile, zhlora_packing and zhlora_low_memory
+    each add theirs to zhlora_fastest). zhlora_fastest is the quick start's setting
     (configs/quick_start.yaml: bf16 weights and autocast; jemalloc and the fused cross-entropy
     are defaults). Every variant names its allocator and loss path: training.allocator=auto
     would take jemalloc wherever it is installed."""
@@ -103,7 +104,8 @@ def switch_variants(device: str) -> dict[str, list[str]]:
     jemalloc = [o for o in weights if o != "training.allocator=system"] + ["training.allocator=jemalloc"]
     fastest = [o for o in jemalloc if o != "training.fused_cross_entropy=false"] + ["training.fused_cross_entropy=true"]
     return {"zhlora_default": default, "zhlora_fast": autocast, "zhlora_bf16_weights": weights,
-            "zhlora_jemalloc": jemalloc, "zhlora_fastest": fastest, "zhlora_packing": fastest + ["training.packing=true"],
+            "zhlora_jemalloc": jemalloc, "zhlora_fastest": fastest, "zhlora_compile": fastest + ["training.torch_compile=true"],
+            "zhlora_packing": fastest + ["training.packing=true"],
             "zhlora_low_memory": fastest + ["training.gradient_checkpointing=true"]}
 
 
@@ -220,6 +222,30 @@ def figures(run: dict, supervised: int, tokens: int) -> dict:
     return {"supervised_tokens_per_s": supervised / run["train_seconds"], "tokens_per_s": tokens / run["train_seconds"],
             "seconds_per_step": run["train_seconds"] / max(1, run["steps"]), "peak_rss_mb": run["peak_rss_mb"],
             "train_seconds": run["train_seconds"], "steps": run["steps"]}
+
+
+APPEND_HELP = ("add this invocation's runs to the earlier runs of the same variants (same data, settings and "
+               "machine) instead of replacing them: bench/side_by_side.sh interleaves zhlora and LLaMA-Factory so")
+
+
+def earlier_runs(name: str, data_file: str, settings: dict, runs: dict, here: dict, meaning: dict,
+                 append: bool = False) -> dict:
+    """{variant: runs} kept from the last result file NAME.json, when that file measured the same data
+    with the same settings on this machine: the variants this invocation did not run (`--variants a,b`
+    adds or renews rows without dropping the rest) and, with append, also the earlier runs of those it
+    did (their repeats add up). Only variants whose recorded definition (settings.overrides) is still
+    `meaning[variant]`: a switch added since makes an old row another setting. Each run keeps its date."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    same = earlier.get("machine") == here and earlier.get("data", {}).get("file") == data_file and all(
+        earlier.get("settings", {}).get(k) == v for k, v in settings.items() if k != "repeats")
+    if not same:
+        return {}
+    recorded = earlier["settings"].get("overrides", {})
+    return {v: r for v, r in earlier.get("runs", {}).items()
+            if recorded.get(v) == meaning.get(v) and (append or v not in runs)}
 
 
 def idle_runs(runs: list[dict]) -> list[dict]:

@@ -29,8 +29,8 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import (REPO, RESULTS, WORK, add_common_args, figures, machine, median_of, model_folder, parse_variants,
-                    result_name, run_measured, write_result, write_subset)
+from common import (APPEND_HELP, REPO, RESULTS, WORK, add_common_args, earlier_runs, figures, machine, median_of,
+                    model_folder, parse_variants, result_name, run_measured, write_result, write_subset)
 
 LF = WORK / "lf"
 VARIANTS = {
@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lf_venv", default=str(REPO / "bench" / ".venv-llamafactory"))
     parser.add_argument("--template", default="", help="LLaMA-Factory template (default: picked by the .sh)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--append", action="store_true", help=APPEND_HELP)
     parser.add_argument("--count_tokenized", default="", help=argparse.SUPPRESS)  # internal: see count_tokenized
     args = parser.parse_args(argv)
     if args.count_tokenized:
@@ -181,14 +182,18 @@ def main(argv=None) -> int:
             print(f"[bench] {name}: {fig['supervised_tokens_per_s']:.1f} supervised tok/s, "
                   f"{fig['seconds_per_step']:.2f} s/step, peak RSS {fig['peak_rss_mb']:.0f} MB")
 
+    where = str(venv.relative_to(REPO)) if venv.is_relative_to(REPO) else venv.name  # no absolute path in results
+    here = machine(args.device)
+    settings = {"model": args.model, "workload": args.workload, "steps": args.steps, "batch_size": args.batch_size,
+                "first_step": "included (train_runtime)", "cutoff_len": args.max_length,
+                "learning_rate": args.learning_rate, "repeats": args.repeats, "template": args.template,
+                "lora": "r16 a32 d0.05 q_proj,v_proj"}
+    result_file = result_name("peer_llamafactory", args.device, args.workload)
+    for variant, earlier in earlier_runs(result_file, data_file.name, settings, runs, here, VARIANTS, args.append).items():
+        runs[variant] = earlier + runs.get(variant, [])
     medians = {v: median_of(r) for v, r in runs.items()}
     best = max(medians, key=lambda v: medians[v]["supervised_tokens_per_s"])
-    where = str(venv.relative_to(REPO)) if venv.is_relative_to(REPO) else venv.name  # no absolute path in results
-    result = {"machine": machine(args.device), "lf_venv": where,
-              "settings": {"model": args.model, "workload": args.workload, "steps": args.steps,
-                           "batch_size": args.batch_size, "first_step": "included (train_runtime)",
-                           "cutoff_len": args.max_length, "learning_rate": args.learning_rate, "repeats": args.repeats,
-                           "template": args.template, "lora": "r16 a32 d0.05 q_proj,v_proj"},
+    result = {"machine": here, "lf_venv": where, "settings": {**settings, "overrides": {v: VARIANTS[v] for v in runs}},
               "data": {"file": data_file.name, **counts}, "median": medians, "best": best, "runs": runs}
     ours_file = RESULTS / f"{result_name('train_throughput', args.device, args.workload)}.json"
     if ours_file.is_file():
@@ -201,7 +206,7 @@ def main(argv=None) -> int:
             print(f"    {key:32s} {ratio:.2f}x")
     else:
         print(f"[bench] {ours_file} not found: run bench/train_throughput.py for the zhlora side of the ratio")
-    write_result(result_name("peer_llamafactory", args.device, args.workload), result)
+    write_result(result_file, result)
     return 0
 
 

@@ -15,6 +15,8 @@ dropout 0.05 on q_proj,v_proj, batch size, learning rate and one epoch:
   zhlora_bf16_weights  + model.dtype=bfloat16 (frozen weights in bf16, LoRA weights fp32);
   zhlora_jemalloc      + training.allocator=jemalloc (zhlora/allocator.py);
   zhlora_fastest       + training.fused_cross_entropy=true (zhlora/loss.py): the quick start's setting;
+  zhlora_compile       zhlora_fastest + training.torch_compile=true (each decoder layer compiled by inductor;
+                       its first step compiles: ~20 s cold, a few seconds from inductor's disk cache);
   zhlora_packing       zhlora_fastest + training.packing=true;
   zhlora_low_memory    zhlora_fastest + training.gradient_checkpointing=true (for short memory).
 Each repeat runs in a fresh process (peak RSS is its own); repeats are interleaved
@@ -37,7 +39,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import (RESULTS, WORK, add_common_args, figures, machine, median_of, model_folder, result_name, parse_variants,
+from common import (APPEND_HELP, WORK, add_common_args, earlier_runs, figures, machine, median_of, model_folder, result_name, parse_variants,
                     run_measured, run_zhlora, switch_variants, token_counts, write_result, write_subset)
 
 BASELINE = "bench/baselines/hf_trainer_peft.py"
@@ -57,6 +59,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--variants", default=",".join(["baseline", *switch_variants("cpu")]))
+    parser.add_argument("--append", action="store_true", help=APPEND_HELP)
     args = parser.parse_args(argv)
     switches = switch_variants(args.device)
     plan = parse_variants(args.variants, args.repeats, ["baseline", *switches])
@@ -101,16 +104,16 @@ def main(argv=None) -> int:
 
 def write_throughput(args, switches: dict, data_file: Path, counts: dict, runs: dict, steady: list[dict]) -> None:
     """results/train_throughput*.json: this invocation's runs, the earlier rows it did not renew
-    (keep_earlier), medians and ratios to the baseline."""
+    (common.earlier_runs), medians and ratios to the baseline."""
     overrides = {v: switches[v] for v in runs if v in switches}
     here = machine(args.device)
     settings = {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
                 "max_length": args.max_length, "learning_rate": args.learning_rate, "repeats": args.repeats,
                 "lora": "r16 a32 d0.05 q_proj,v_proj", "first_step": "included for every runner"}
-    kept = keep_earlier(result_name("train_throughput", args.device, args.workload), data_file.name, settings, runs,
-                        here, switches)
-    for variant, earlier_runs in kept.items():
-        runs[variant] = earlier_runs
+    kept = earlier_runs(result_name("train_throughput", args.device, args.workload), data_file.name, settings, runs,
+                        here, switches, args.append)
+    for variant, earlier in kept.items():
+        runs[variant] = earlier + runs.get(variant, [])
         if variant in switches:
             overrides[variant] = switches[variant]
     medians = {v: median_of(r) for v, r in runs.items()}
@@ -126,24 +129,6 @@ def write_throughput(args, switches: dict, data_file: Path, counts: dict, runs: 
         "settings": {**settings, "overrides": overrides},
         "median": medians, "ratio_to_baseline": ratios, "runs": runs,
         "baseline_steady": median_of(steady) if steady else None})
-
-
-def keep_earlier(name: str, data_file: str, settings: dict, runs: dict, here: dict, switches: dict) -> dict:
-    """{variant: runs} of the last result file's variants that this invocation did not run, when that
-    file measured the same data with the same settings on this machine, and only those whose
-    overrides are still what the variant means now (a switch added since makes an old row another
-    setting): `--variants a,b` adds or renews rows without dropping the rest. Each run keeps its date."""
-    path = RESULTS / f"{name}.json"
-    if not path.is_file():
-        return {}
-    earlier = json.loads(path.read_text(encoding="utf-8"))
-    same = earlier.get("machine") == here and earlier.get("data", {}).get("file") == data_file and all(
-        earlier.get("settings", {}).get(k) == v for k, v in settings.items() if k != "repeats")
-    if not same:
-        return {}
-    recorded = earlier["settings"].get("overrides", {})
-    return {v: r for v, r in earlier.get("runs", {}).items()
-            if v not in runs and recorded.get(v) == switches.get(v)}
 
 
 if __name__ == "__main__":

@@ -280,3 +280,26 @@ def test_real_tokens_never_counts_padding():
     packed = SimpleNamespace(cfg=SimpleNamespace(training=SimpleNamespace(packing=True)), train=train)
     assert real_tokens(padded, [0, 2]) == 12  # a padded batch of 2 x 7 holds 12 real tokens
     assert real_tokens(packed, [[0, 1], [2]]) == 15  # packed rows of width 8: the tails are padding
+
+
+def test_torch_compile_gives_the_same_losses_and_a_plain_peft_adapter(tiny_model_dir, tiny_data_dir, tmp_path):
+    """training.torch_compile compiles each decoder layer in place: the losses are the eager ones
+    to rounding, and the adapter keeps PEFT's key names (no `_orig_mod.`). Dropout 0: compiled
+    dropout draws its masks from inductor's own generator, so with dropout the runs differ by
+    their draws, not by their arithmetic."""
+    from zhlora.training.compiling import decoder_layers
+
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compiled_{compiled}"
+        run(tiny_model_dir, tiny_data_dir, out, "training.max_steps=6", "training.logging_steps=1",
+            "lora.lora_dropout=0", f"training.torch_compile={str(compiled).lower()}")
+        losses[compiled] = [row["loss"] for row in history(out) if "loss" in row]
+    assert len(losses[True]) == len(losses[False]) == 6
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4), losses
+    assert load_file(tmp_path / "compiled_True" / "adapter_model.safetensors").keys() == \
+        load_file(tmp_path / "compiled_False" / "adapter_model.safetensors").keys()
+
+    from transformers import AutoModelForCausalLM
+
+    assert len(decoder_layers(AutoModelForCausalLM.from_pretrained(tiny_model_dir))) >= 2

@@ -40,6 +40,7 @@ from zhlora.loss import compute_loss
 from zhlora.models import load_model, resolve_model_path
 from zhlora.training.batching import batch_stream, collate, collate_padded, count_steps, real_tokens, step_windows
 from zhlora.training.checkpoint import list_checkpoints, rng_state, save_checkpoint
+from zhlora.training.compiling import compile_decoder_layers
 from zhlora.training.distill import Distiller
 from zhlora.training.progressive import grow_lora, parse_schedule
 from zhlora.training.setup import (Run, batch_stream_settings, check_output_dir, load_split, make_accelerator,
@@ -235,7 +236,10 @@ def load_for_training(cfg: Config, acc):
     model, tokenizer = load_model(replace(cfg.model, dtype="float32") if full_fp32 else cfg.model, acc.device)
     if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return apply_lora(model, cfg), tokenizer
+    model = apply_lora(model, cfg)
+    if cfg.training.torch_compile:
+        compile_decoder_layers(model)
+    return model, tokenizer
 
 
 def make_scheduler(optimizer, cfg: Config, total_steps: int):
