@@ -3,6 +3,7 @@
     python bench/generation.py --run_dir outputs                 # the quick start's adapter, 64 test rows, 3 repeats
     python bench/generation.py                                   # the base model instead
     python bench/generation.py --max_samples 8 --repeats 1       # smoke run
+    python bench/generation.py --run_dir outputs --profile       # + where refill's time goes (profile)
 
 Modes, on the first --max_samples rows of the test split (file order, as
 `zhlora evaluate` reads them), each timed over all rows, median of --repeats:
@@ -60,6 +61,57 @@ def tutorial_one_by_one(model, tokenizer, rows, args) -> int:
     return new_tokens
 
 
+@torch.no_grad()
+def profile(model, tokenizer, prompts, args, one_by_one_seconds: float | None) -> dict:
+    """Where the refilled batches' time goes, and the most batching could give on these rows.
+
+    One more pass of batched_refill (not in the medians) with each Refill phase timed: prefill of
+    joining prompts, decoding steps, dropping finished rows. Then every prompt prefilled alone, as
+    the one-by-one reference does. Prefill costs the same FLOPs in both modes, and one prompt
+    (~60 tokens) is already a matmul large enough to run near the peak, so whatever batching does
+    to decoding, one-by-one seconds / refill's prefill seconds bounds the speed-up (Amdahl)."""
+    from zhlora.generation import generate
+    from zhlora import refill
+
+    spent = {"_join": 0.0, "_step": 0.0, "_drop_done": 0.0}
+    calls = dict.fromkeys(spent, 0)
+    originals = {name: getattr(refill.Refill, name) for name in spent}
+
+    def timing(name):
+        def wrapped(self, *a):
+            began = time.perf_counter()
+            out = originals[name](self, *a)
+            spent[name] += time.perf_counter() - began
+            calls[name] += 1
+            return out
+        return wrapped
+
+    for name in spent:
+        setattr(refill.Refill, name, timing(name))
+    try:
+        total, out = timed(lambda: generate(model, tokenizer, prompts, args.max_new_tokens,
+                                            batch_size=args.batch_size, refill=True))
+    finally:
+        for name, fn in originals.items():
+            setattr(refill.Refill, name, fn)
+    device = next(model.parameters()).device
+    alone = 0.0
+    for prompt in prompts:
+        ids = torch.tensor([prompt], device=device)
+        began = time.perf_counter()
+        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        alone += time.perf_counter() - began
+    phases = {"refill_seconds": total, "new_tokens": sum(len(g.token_ids) for g in out),
+              "refill_prefill_seconds": spent["_join"], "refill_decode_seconds": spent["_step"],
+              "refill_drop_seconds": spent["_drop_done"], "prefill_calls": calls["_join"],
+              "decode_steps": calls["_step"], "prompt_tokens": sum(map(len, prompts)), "one_by_one_prefill_seconds": alone}
+    if one_by_one_seconds:  # the median one-by-one greedy time of the timed repeats
+        phases["bound_if_decoding_were_free"] = one_by_one_seconds / spent["_join"]
+        phases["one_by_one_prefill_share"] = alone / one_by_one_seconds
+    print(f"[bench] profile: {json.dumps(phases)}")
+    return phases
+
+
 def timed(fn) -> tuple[float, object]:
     started = time.perf_counter()
     value = fn()
@@ -85,6 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top_p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="also time refill's phases and prefill alone (profile)")
     args = parser.parse_args(argv)
 
     rows = json.loads(Path(args.test_file).read_text(encoding="utf-8"))[:args.max_samples]
@@ -125,6 +178,8 @@ def main(argv=None) -> int:
             for m, t in texts.items() if reference and m != "one_by_one_greedy"}
     ratios = {m: median[m]["tokens_per_s"] / median["one_by_one_greedy"]["tokens_per_s"]
               for m in median if "one_by_one_greedy" in median and m != "one_by_one_greedy"}
+    one = median.get("one_by_one_greedy", {}).get("seconds")
+    phases = profile(model, tokenizer, prompts, args, one) if args.profile else None
     write_result(result_name("generation", args.device), {
         "machine": machine(args.device),
         "settings": {"rows": len(rows), "test_file": Path(args.test_file).name, "max_new_tokens": args.max_new_tokens,
@@ -132,7 +187,7 @@ def main(argv=None) -> int:
                      "dtype": str(next(model.parameters()).dtype), "model": args.run_dir or args.model,
                      "sampling": {"temperature": args.temperature, "top_p": args.top_p}},
         "median": median, "ratio_to_one_by_one_greedy": ratios,
-        "speedup_batched": ratios.get("batched_refill"), "same_text": same, "runs": runs})
+        "speedup_batched": ratios.get("batched_refill"), "same_text": same, "profile": phases, "runs": runs})
     return 0
 
 

@@ -117,6 +117,36 @@ def count_tokenized(path: str) -> None:
     print(json.dumps({"samples": len(train), "tokens": tokens, "supervised": supervised}))
 
 
+def write_peer_result(args, venv: Path, data_file: Path, counts: dict, runs: dict) -> None:
+    """results/peer_llamafactory*.json: this invocation's runs plus the earlier ones it keeps
+    (common.earlier_runs, --append), medians, and zhlora / LLaMA-Factory from train_throughput's file."""
+    where = str(venv.relative_to(REPO)) if venv.is_relative_to(REPO) else venv.name  # no absolute path in results
+    here = machine(args.device)
+    settings = {"model": args.model, "workload": args.workload, "steps": args.steps, "batch_size": args.batch_size,
+                "first_step": "included (train_runtime)", "cutoff_len": args.max_length,
+                "learning_rate": args.learning_rate, "repeats": args.repeats, "template": args.template,
+                "lora": "r16 a32 d0.05 q_proj,v_proj"}
+    result_file = result_name("peer_llamafactory", args.device, args.workload)
+    for variant, earlier in earlier_runs(result_file, data_file.name, settings, runs, here, VARIANTS, args.append).items():
+        runs[variant] = earlier + runs.get(variant, [])
+    medians = {v: median_of(r) for v, r in runs.items()}
+    best = max(medians, key=lambda v: medians[v]["supervised_tokens_per_s"])
+    result = {"machine": here, "lf_venv": where, "settings": {**settings, "overrides": {v: VARIANTS[v] for v in runs}},
+              "data": {"file": data_file.name, **counts}, "median": medians, "best": best, "runs": runs}
+    ours_file = RESULTS / f"{result_name('train_throughput', args.device, args.workload)}.json"
+    if ours_file.is_file():
+        ours = json.loads(ours_file.read_text())["median"]
+        result["zhlora_over_llamafactory"] = {
+            f"{z}/{v}": ours[z]["supervised_tokens_per_s"] / medians[v]["supervised_tokens_per_s"]
+            for z in ours if z != "baseline" for v in medians}
+        print("[bench] supervised tokens/s, zhlora / LLaMA-Factory:")
+        for key, ratio in result["zhlora_over_llamafactory"].items():
+            print(f"    {key:32s} {ratio:.2f}x")
+    else:
+        print(f"[bench] {ours_file} not found: run bench/train_throughput.py for the zhlora side of the ratio")
+    write_result(result_file, result)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
@@ -182,31 +212,7 @@ def main(argv=None) -> int:
             print(f"[bench] {name}: {fig['supervised_tokens_per_s']:.1f} supervised tok/s, "
                   f"{fig['seconds_per_step']:.2f} s/step, peak RSS {fig['peak_rss_mb']:.0f} MB")
 
-    where = str(venv.relative_to(REPO)) if venv.is_relative_to(REPO) else venv.name  # no absolute path in results
-    here = machine(args.device)
-    settings = {"model": args.model, "workload": args.workload, "steps": args.steps, "batch_size": args.batch_size,
-                "first_step": "included (train_runtime)", "cutoff_len": args.max_length,
-                "learning_rate": args.learning_rate, "repeats": args.repeats, "template": args.template,
-                "lora": "r16 a32 d0.05 q_proj,v_proj"}
-    result_file = result_name("peer_llamafactory", args.device, args.workload)
-    for variant, earlier in earlier_runs(result_file, data_file.name, settings, runs, here, VARIANTS, args.append).items():
-        runs[variant] = earlier + runs.get(variant, [])
-    medians = {v: median_of(r) for v, r in runs.items()}
-    best = max(medians, key=lambda v: medians[v]["supervised_tokens_per_s"])
-    result = {"machine": here, "lf_venv": where, "settings": {**settings, "overrides": {v: VARIANTS[v] for v in runs}},
-              "data": {"file": data_file.name, **counts}, "median": medians, "best": best, "runs": runs}
-    ours_file = RESULTS / f"{result_name('train_throughput', args.device, args.workload)}.json"
-    if ours_file.is_file():
-        ours = json.loads(ours_file.read_text())["median"]
-        result["zhlora_over_llamafactory"] = {
-            f"{z}/{v}": ours[z]["supervised_tokens_per_s"] / medians[v]["supervised_tokens_per_s"]
-            for z in ours if z != "baseline" for v in medians}
-        print("[bench] supervised tokens/s, zhlora / LLaMA-Factory:")
-        for key, ratio in result["zhlora_over_llamafactory"].items():
-            print(f"    {key:32s} {ratio:.2f}x")
-    else:
-        print(f"[bench] {ours_file} not found: run bench/train_throughput.py for the zhlora side of the ratio")
-    write_result(result_file, result)
+    write_peer_result(args, venv, data_file, counts, runs)
     return 0
 
 

@@ -4,7 +4,8 @@
     python bench/summarize.py --readme   # also write the table into README.md, between its BENCH markers
 
 Headline keys (each a number, or null when its benchmark has not run yet):
-  mfu                           zhlora_fastest's training FLOPs/s / measured bf16 matmul peak (mfu.json)
+  mfu                           training FLOPs/s / measured bf16 matmul peak, the highest of zhlora_fastest
+                                and zhlora_compile on both workloads (MFU_FILES); mfu_variant names it
   speedup_vs_llamafactory       zhlora's best variant (FASTEST) / LLaMA-Factory's
                                 best variant, supervised tokens/s, on the mixed workload
                                 (train_throughput.json, peer_llamafactory.json); `compared` names both
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from common import REPO, RESULTS
 
@@ -35,8 +36,9 @@ TARGETS = {"mfu": (">=", 0.6), "speedup_vs_llamafactory": (">=", 2.5),
            "same_text_batched": (">=", 1.0)}
 COMMANDS = ["python bench/train_throughput.py [--workload alpaca_zh_demo]",
             "bash bench/peer_llamafactory.sh [--workload alpaca_zh_demo]",
-            "bash bench/side_by_side.sh [--workload alpaca_zh_demo]", "python bench/mfu.py --from_throughput",
-            "python bench/generation.py --run_dir outputs", "python bench/summarize.py"]
+            "bash bench/side_by_side.sh [--workload alpaca_zh_demo]",
+            "python bench/mfu.py [--workload alpaca_zh_demo] [--variant zhlora_compile] --from_throughput",
+            "python bench/generation.py --run_dir outputs --profile", "python bench/summarize.py"]
 
 
 def load(name: str) -> dict | None:
@@ -46,6 +48,10 @@ def load(name: str) -> dict | None:
 
 # the quick start's setting, and it with one switch more (compiled layers, packing): the best one counts
 FASTEST = ("zhlora_fastest", "zhlora_compile", "zhlora_packing")
+# bench/mfu.py [--workload alpaca_zh_demo] [--variant zhlora_compile] --from_throughput: the highest counts
+MFU_FILES = {"mfu": "zhlora_fastest, mixed", "mfu_zhlora_compile": "zhlora_compile, mixed",
+             "mfu_alpaca_zh_demo": "zhlora_fastest, alpaca_zh_demo",
+             "mfu_zhlora_compile_alpaca_zh_demo": "zhlora_compile, alpaca_zh_demo"}
 
 
 def best_of(train: dict | None, variants=FASTEST) -> str | None:
@@ -56,9 +62,12 @@ def best_of(train: dict | None, variants=FASTEST) -> str | None:
 
 
 def over_peer(train: dict | None, peer: dict | None, variant: str | None, peer_variant: str | None = None) -> float | None:
-    """zhlora variant / LLaMA-Factory's variant (default: its best), supervised tokens/s (None when either is missing)."""
+    """zhlora variant / LLaMA-Factory's variant (default: its best), supervised tokens/s (None when either is
+    missing, or when the two were not measured side by side: see beside)."""
     peer_variant = peer_variant or (peer and peer["best"])
     if not (train and peer and variant in train["median"] and peer_variant in peer["median"]):
+        return None
+    if not beside(span(train, variant), span(peer, peer_variant)):
         return None
     return (train["median"][variant]["supervised_tokens_per_s"]
             / peer["median"][peer_variant]["supervised_tokens_per_s"])
@@ -67,10 +76,13 @@ def over_peer(train: dict | None, peer: dict | None, variant: str | None, peer_v
 def headline(suffix: str = "") -> dict:
     train, peer = load("train_throughput" + suffix), load("peer_llamafactory" + suffix)
     train_a, peer_a = load("train_throughput" + ALPACA + suffix), load("peer_llamafactory" + ALPACA + suffix)
-    gen, mfu = load("generation" + suffix), load("mfu" + suffix)
+    gen = load("generation" + suffix)
+    mfus = [(r, label) for r, label in ((load(name + suffix), label) for name, label in MFU_FILES.items()) if r]
+    mfu, mfu_label = max(mfus, key=lambda pair: pair[0]["mfu"]) if mfus else (None, None)
     out = {k: None for k in TARGETS}
-    sources = [r for r in (train, peer, train_a, peer_a, gen, mfu) if r]
+    sources = [r for r in (train, peer, train_a, peer_a, gen, *(r for r, _ in mfus)) if r]
     out["mfu"] = mfu["mfu"] if mfu else None
+    out["mfu_variant"] = mfu_label
     out["speedup_vs_llamafactory"] = over_peer(train, peer, best_of(train))
     out["speedup_vs_llamafactory_alpaca_zh_demo"] = over_peer(train_a, peer_a, best_of(train_a))
     out["compared"] = {"zhlora": {"mixed": best_of(train), "alpaca_zh_demo": best_of(train_a)},
@@ -84,6 +96,12 @@ def headline(suffix: str = "") -> dict:
     if gen:
         out["speedup_batched"] = gen["speedup_batched"]
         out["same_text_batched"] = gen["same_text"].get("batched_refill")
+    out["measured"] = {"mixed": measured(train, peer), "alpaca_zh_demo": measured(train_a, peer_a)}
+    # ratios left out because their two sides were not measured side by side (not "not run")
+    ran = {"speedup_vs_llamafactory": (train, peer), "speedup_vs_llamafactory_alpaca_zh_demo": (train_a, peer_a),
+           "speedup_low_memory_vs_llamafactory": (train_a, peer_a),
+           "speedup_low_memory_vs_llamafactory_default": (train_a, peer_a)}
+    out["apart"] = [key for key, (ours, theirs) in ran.items() if out[key] is None and ours and theirs]
     out["machine"] = sources[0]["machine"] if sources else None
     out["date"] = max(r["date"] for r in sources) if sources else None
     out["sources"] = {r["benchmark"]: r["date"] for r in sources}
@@ -93,6 +111,8 @@ def headline(suffix: str = "") -> dict:
 def met(key: str, value, summary: dict) -> str:
     op, target = TARGETS[key]
     target = summary.get(target) if isinstance(target, str) else target  # a bar measured beside it
+    if key in summary.get("apart", []):
+        return "not side by side"
     if value is None or target is None:
         return "not run"
     return "met" if (value >= target if op == ">=" else value <= target) else "missed"
@@ -113,10 +133,55 @@ def goal(key: str, summary: dict) -> str:
     return f"{op} {shown(key, target)}"
 
 
-def training_rows(result: dict | None) -> list[str]:
-    return [f"| {variant} | {f['supervised_tokens_per_s']:.1f} | {f['supervised_tokens_per_s_range'][0]:.1f}-"
-            f"{f['supervised_tokens_per_s_range'][1]:.1f} | {f['tokens_per_s']:.1f} | {f['seconds_per_step']:.2f} | "
-            f"{f['peak_rss_mb']:.0f} | {f['repeats']} |" for variant, f in (result or {}).get("median", {}).items()]
+# Runs count as side by side when their time spans overlap, give or take this much: one round of
+# side_by_side.sh runs each variant once, so a zhlora run and LLaMA-Factory's may be minutes apart.
+SLACK = timedelta(minutes=30)
+
+
+def span(result: dict | None, variant: str) -> tuple[str, str] | None:
+    """(first, last) ISO date of a variant's runs, or None when none recorded one."""
+    dates = sorted(run["date"] for run in (result or {}).get("runs", {}).get(variant, []) if run.get("date"))
+    return (dates[0], dates[-1]) if dates else None
+
+
+def beside(a: tuple[str, str] | None, b: tuple[str, str] | None) -> bool:
+    """Whether two spans overlap (within SLACK): a ratio between two rows means something only then,
+    since this VM's speed drifts between hours (bench/side_by_side.sh interleaves the two tools)."""
+    if not (a and b):
+        return False
+    t = [datetime.fromisoformat(x) for x in (*a, *b)]
+    return t[0] <= t[3] + SLACK and t[2] <= t[1] + SLACK
+
+
+def span_words(pair: tuple[str, str] | None) -> str:
+    """'2026-12-01 02:37-02:46' (UTC), or the two full stamps when the span crosses midnight."""
+    if not pair:
+        return "-"
+    first, last = pair
+    return f"{first[:10]} {first[11:16]}-{last[11:16]}" if first[:10] == last[:10] else f"{first[:16]}-{last[:16]}"
+
+
+def measured(train: dict | None, peer: dict | None) -> dict:
+    """{variant: {"span": words, "beside_llamafactory_best": bool}} for every row of both tables
+    (scripts/make_reports.py reads this rather than working it out again)."""
+    best = span(peer, peer["best"]) if peer else None
+    return {variant: {"span": span_words(span(result, variant)),
+                      "beside_llamafactory_best": beside(span(result, variant), best)}
+            for result in (train, peer) if result for variant in result.get("median", {})}
+
+
+def training_rows(result: dict | None, peer: dict | None, rows_measured: dict) -> list[str]:
+    """One row per variant; `x LF best` only for rows measured beside LLaMA-Factory's best."""
+    best = peer and peer["median"].get(peer["best"])
+    rows = []
+    for variant, f in (result or {}).get("median", {}).items():
+        when = rows_measured.get(variant, {})
+        ratio = (f"{f['supervised_tokens_per_s'] / best['supervised_tokens_per_s']:.2f}x"
+                 if best and when.get("beside_llamafactory_best") else "-")
+        rows.append(f"| {variant} | {f['supervised_tokens_per_s']:.1f} | {f['supervised_tokens_per_s_range'][0]:.1f}-"
+                    f"{f['supervised_tokens_per_s_range'][1]:.1f} | {ratio} | {f['tokens_per_s']:.1f} | "
+                    f"{f['seconds_per_step']:.2f} | {f['peak_rss_mb']:.0f} | {f['repeats']} | {when.get('span', '-')} |")
+    return rows
 
 
 def markdown(summary: dict, suffix: str = "") -> str:
@@ -127,12 +192,13 @@ def markdown(summary: dict, suffix: str = "") -> str:
     for key in TARGETS:
         value = summary[key]
         lines.append(f"| {key} | {shown(key, value)} | {goal(key, summary)} | {met(key, value, summary)} |")
-    for title, name in (("mixed workload", ""), ("alpaca_zh_demo workload", ALPACA)):
-        rows = training_rows(load("train_throughput" + name + suffix)) + training_rows(
-            load("peer_llamafactory" + name + suffix))
+    for title, name, workload in (("mixed workload", "", "mixed"),
+                                  ("alpaca_zh_demo workload", ALPACA, "alpaca_zh_demo")):
+        peer, when = load("peer_llamafactory" + name + suffix), summary["measured"][workload]
+        rows = training_rows(load("train_throughput" + name + suffix), peer, when) + training_rows(peer, peer, when)
         if rows:
-            lines += ["", f"| training, {title} (median) | supervised tok/s | range | total tok/s | s/step | "
-                          "peak RSS MB | runs |", "| --- | --- | --- | --- | --- | --- | --- |", *rows]
+            lines += ["", f"| training, {title} (median) | supervised tok/s | range | x LF best | total tok/s | "
+                          "s/step | peak RSS MB | runs | measured (UTC) |", "| --- " * 9 + "|", *rows]
     gen = load("generation" + suffix)
     if gen:
         lines += ["", f"| generation, {gen['settings']['rows']} rows, {gen['settings']['dtype']} (median) | tokens/s | "

@@ -16,7 +16,7 @@ dropout 0.05 on q_proj,v_proj, batch size, learning rate and one epoch:
   zhlora_jemalloc      + training.allocator=jemalloc (zhlora/allocator.py);
   zhlora_fastest       + training.fused_cross_entropy=true (zhlora/loss.py): the quick start's setting;
   zhlora_compile       zhlora_fastest + training.torch_compile=true (each decoder layer compiled by inductor;
-                       its first step compiles: ~20 s cold, a few seconds from inductor's disk cache);
+                       the first steps compile: ~16 s more with an empty inductor cache, see README);
   zhlora_packing       zhlora_fastest + training.packing=true;
   zhlora_low_memory    zhlora_fastest + training.gradient_checkpointing=true (for short memory).
 Each repeat runs in a fresh process (peak RSS is its own); repeats are interleaved

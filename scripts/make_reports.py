@@ -78,9 +78,9 @@ BENCH_TARGETS = {
                                "llamafactory_default_peak_rss_mb"),
     "speedup_batched": ("生成 token/s：补位批量贪心 vs 逐条贪心", ">=", 8.0),
     "same_text_batched": ("补位批量与逐条贪心文本相同的比例", ">=", 1.0)}
-BENCH_COMMANDS = ["python bench/train_throughput.py", "bash bench/peer_llamafactory.sh",
-                  "python bench/mfu.py --from_throughput", "python bench/generation.py --run_dir outputs",
-                  "python bench/summarize.py"]
+BENCH_COMMANDS = ["python bench/train_throughput.py", "bash bench/peer_llamafactory.sh", "bash bench/side_by_side.sh",
+                  "python bench/mfu.py [--workload alpaca_zh_demo] [--variant zhlora_compile] --from_throughput",
+                  "python bench/generation.py --run_dir outputs --profile", "python bench/summarize.py"]
 
 # 常见问题: each problem is two runs under runs/faq/ whose commands the guide shows (a test checks
 # that every folder below appears in a command of the guide). Figures come from their RUN_FILES.
@@ -465,23 +465,28 @@ def bench_targets(summary: dict) -> list[str]:
         bar = bar if isinstance(bar, (int, float)) else None
         met = "-" if value is None or bar is None else (
             "达到" if (value >= bar if op == ">=" else value <= bar) else "未达到")
-        rows.append([f"`{key}`", meaning, NOT_YET if value is None else fmt(value, 2),
+        apart = key in (summary.get("apart") or [])  # both sides ran, but not in the same hours
+        rows.append([f"`{key}`", meaning, "不是同时段测的，不作比较" if apart else NOT_YET if value is None else fmt(value, 2),
                      f"{'≥' if op == '>=' else '≤'} {fmt(bar, 2)}", met])
     return table(["键", "含义", "实测", "目标", ""], rows)
 
 
-def bench_training(folder: Path, suffix: str) -> list[str]:
-    """One row per runner: supervised tok/s (median, range), ratio to LLaMA-Factory's best, peak RSS."""
+def bench_training(folder: Path, suffix: str, measured: dict) -> list[str]:
+    """One row per runner: supervised tok/s (median, range), ratio to LLaMA-Factory's best (only for
+    rows measured beside it: summary.json's `measured`, from bench/summarize.py), peak RSS, when."""
     ours, peer = read_json(folder / f"train_throughput{suffix}.json"), read_json(folder / f"peer_llamafactory{suffix}.json")
-    runners = {**(ours or {}).get("median", {}), **(peer or {}).get("median", {})}
-    if not runners:
+    results = [(r, name) for r in (ours, peer) if r for name in r.get("median", {})]
+    if not results:
         return []
     best = (peer or {}).get("median", {}).get((peer or {}).get("best"), {}).get("supervised_tokens_per_s")
-    rows = [[f"`{name}`", fmt(f["supervised_tokens_per_s"], 1),
-             span(f.get("supervised_tokens_per_s_range")),
-             fmt(f["supervised_tokens_per_s"] / best, 2) if best else "-", fmt(f["peak_rss_mb"], 0),
-             str(f.get("repeats", "-"))] for name, f in runners.items()]
-    return table(["训练方式", "监督 token/s（中位数）", "范围", "相对 LLaMA-Factory 最好设置", "峰值 RSS MB", "重复次数"], rows)
+    rows = []
+    for result, name in results:
+        f, when = result["median"][name], measured.get(name, {})
+        rows.append([f"`{name}`", fmt(f["supervised_tokens_per_s"], 1), span(f.get("supervised_tokens_per_s_range")),
+                     fmt(f["supervised_tokens_per_s"] / best, 2) if best and when.get("beside_llamafactory_best")
+                     else "-", fmt(f["peak_rss_mb"], 0), str(f.get("repeats", "-")), when.get("span", "-")])
+    return table(["训练方式", "监督 token/s（中位数）", "范围", "相对 LLaMA-Factory 最好设置（同时段测）", "峰值 RSS MB",
+                  "重复次数", "测量时间（UTC）"], rows)
 
 
 def section_bench(root: Path, data: Path, link: str) -> str:
@@ -491,10 +496,12 @@ def section_bench(root: Path, data: Path, link: str) -> str:
         return (f"{NOT_YET} `bench/results/` 里还没有结果。运行 " + "、".join(f"`{c}`" for c in BENCH_COMMANDS)
                 + "，" + REGENERATE)
     lines = [f"机器：{machine_words(summary.get('machine'))}；日期：{date_words(summary.get('date'))}。"
-             "每个数字是空闲机器上至少 3 次重复的中位数（只跑一次的行注明重复次数 1）。", "", *bench_targets(summary)]
-    for title, suffix in (("混合数据（生成任务 + alpaca_zh_demo.json）", ""), ("只用 alpaca_zh_demo.json（长答案）",
-                                                                           "_alpaca_zh_demo")):
-        rows = bench_training(folder, suffix)
+             "每个数字是空闲机器上至少 3 次重复的中位数（只跑一次的行注明重复次数 1）。这台虚拟机的速度在不同时段能差到"
+             "一倍，所以 zhlora 与 LLaMA-Factory 是交替运行的（`bash bench/side_by_side.sh`），只有与 LLaMA-Factory "
+             "最好设置同一时段测的行才给出相对它的倍数。", "", *bench_targets(summary)]
+    for title, suffix, workload in (("混合数据（生成任务 + alpaca_zh_demo.json）", "", "mixed"),
+                                    ("只用 alpaca_zh_demo.json（长答案）", "_alpaca_zh_demo", "alpaca_zh_demo")):
+        rows = bench_training(folder, suffix, (summary.get("measured") or {}).get(workload, {}))
         if rows:
             lines += ["", f"训练，{title}，30 步 × batch 4，最长 512 token：", "", *rows]
     gen = read_json(folder / "generation.json")

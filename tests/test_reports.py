@@ -175,13 +175,17 @@ def test_bench_results_fill_the_speed_section(tmp_path):
     results = root / "bench" / "results"
     results.mkdir(parents=True)
     machine = {"cpu": "Xeon", "cores": 2, "memory_gb": 23.5, "torch": "2.13.0+cpu", "python": "/usr/bin/python3"}
+    measured = {"mixed": {"zhlora_fastest": {"span": "2025-01-01 10:00-10:20", "beside_llamafactory_best": True},
+                          "zhlora_default": {"span": "2024-12-31 10:00-10:20", "beside_llamafactory_best": False}}}
     (results / "summary.json").write_text(json.dumps(
         {"speedup_vs_llamafactory": 2.6, "speedup_vs_llamafactory_alpaca_zh_demo": 1.2, "mfu": 0.31,
          "peak_rss_mb_low_memory": 3300.0, "llamafactory_default_peak_rss_mb": 3061.0, "machine": machine,
-         "date": "2025-01-01"}), encoding="utf-8")
+         "date": "2025-01-01", "measured": measured, "apart": ["speedup_low_memory_vs_llamafactory"]}),
+        encoding="utf-8")
     runner = {"supervised_tokens_per_s": 120.0, "supervised_tokens_per_s_range": [110.0, 130.0],
               "peak_rss_mb": 3500.0, "repeats": 3}
-    (results / "train_throughput.json").write_text(json.dumps({"median": {"zhlora_fastest": runner}}), "utf-8")
+    (results / "train_throughput.json").write_text(json.dumps(
+        {"median": {"zhlora_fastest": runner, "zhlora_default": runner}}), "utf-8")
     (results / "peer_llamafactory.json").write_text(json.dumps(
         {"best": "lf_bf16", "median": {"lf_bf16": {**runner, "supervised_tokens_per_s": 48.0}}}), "utf-8")
     assert mr.main(["--root", str(root)]) == 0
@@ -190,7 +194,10 @@ def test_bench_results_fill_the_speed_section(tmp_path):
     assert "| 2.60 | ≥ 2.50 | 达到 |" in report and "| 1.20 | ≥ 2.50 | 未达到 |" in report
     assert "| 3,300 | ≤ 3,061 | 未达到 |" in report  # the bar is LLaMA-Factory's measured default
     assert "`speedup_batched` | 生成 token/s：补位批量贪心 vs 逐条贪心 | **尚未测量" in report
-    assert "| `zhlora_fastest` | 120.0 | 110.0–130.0 | 2.50 | 3,500 | 3 |" in report
+    assert "| `zhlora_fastest` | 120.0 | 110.0–130.0 | 2.50 | 3,500 | 3 | 2025-01-01 10:00-10:20 |" in report
+    # a row not measured beside LLaMA-Factory's best gets no ratio to it (bench/side_by_side.sh)
+    assert "| `zhlora_default` | 120.0 | 110.0–130.0 | - | 3,500 | 3 | 2024-12-31 10:00-10:20 |" in report
+    assert "| 不是同时段测的，不作比较 |" in report
     assert "/usr/bin" not in report  # no machine path, no Python dict
 
 

@@ -8,4 +8,5 @@
     tracking.py     training_history.jsonl, and TensorBoard or wandb if asked
     progressive.py  grow LoRA's rank while training (r=8 -> 16 -> 32)
     distill.py      the distillation teacher and its cached top-k (the loss is in zhlora/loss.py)
+    compiling.py    training.torch_compile: each decoder layer compiled in place by inductor
 """

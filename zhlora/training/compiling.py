@@ -2,8 +2,9 @@
 
 Why the layers and not the whole model: the 30 layers of SmolLM2 are one class, so inductor
 compiles one layer and reuses the code for the other 29 ("regional compilation", as
-accelerate.utils.compile_regions does). That is about 20 s on the first step on two CPU cores,
-a few seconds once inductor's on-disk cache holds it, against minutes for the whole model.
+accelerate.utils.compile_regions does). On two CPU cores that makes a 30-step run about 16 s
+longer with an empty inductor cache than with a warm one (bench/README.md), against minutes
+for the whole model.
 
 Why in place (nn.Module.compile) rather than accelerate's compile_regions: compile_regions
 swaps each layer for a torch._dynamo OptimizedModule, whose state_dict keys gain an
@@ -12,10 +13,15 @@ Module.compile keeps the module and its names; only its forward runs compiled.
 
 What it saves: the elementwise work between the matmuls (RMSNorm, rotary, SiLU x up, the
 casts between bf16 weights and fp32 LoRA weights) is fused into a few loops instead of one
-pass over memory per op. bench/README.md has the measured effect; the loss is the same to
-rounding (tests/test_train.py).
+pass over memory per op, and fewer intermediates are kept for the backward pass. Measured
+(bench/README.md): 5% faster and 0.5 GB less peak on long rows, slower over 30 steps of short
+ones, where the first steps' compile work weighs more. The loss is the same to rounding
+(tests/test_train.py).
 """
 from __future__ import annotations
+
+import os
+import shutil
 
 import torch
 
@@ -32,12 +38,17 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def compile_decoder_layers(model: torch.nn.Module) -> int:
     """Compile every decoder layer in place; returns how many. dynamic=True: batches differ in
     length every step, and one shape-generic graph avoids a recompile for each new length."""
+    from zhlora.config import ConfigError
+
     layers = decoder_layers(model)
     if not layers:
-        from zhlora.config import ConfigError
-
         raise ConfigError(f"training.torch_compile=true: {type(model).__name__} lists no repeated decoder "
                           "layer (_no_split_modules) to compile; set training.torch_compile=false")
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if on_cpu and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")):
+        # inductor writes C++ for the CPU; without a compiler it fails only at the first forward
+        raise ConfigError("training.torch_compile=true on a CPU needs a C++ compiler (g++, or CXX=...): "
+                          "install one (apt install g++) or set training.torch_compile=false")
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
