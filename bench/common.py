@@ -104,7 +104,8 @@ def switch_variants(device: str) -> dict[str, list[str]]:
     jemalloc = [o for o in weights if o != "training.allocator=system"] + ["training.allocator=jemalloc"]
     fastest = [o for o in jemalloc if o != "training.fused_cross_entropy=false"] + ["training.fused_cross_entropy=true"]
     return {"zhlora_default": default, "zhlora_fast": autocast, "zhlora_bf16_weights": weights,
-            "zhlora_jemalloc": jemalloc, "zhlora_fastest": fastest, "zhlora_compile": fastest + ["training.torch_compile=true"],
+            "zhlora_jemalloc": jemalloc, "zhlora_fastest": fastest,
+            "zhlora_compile": fastest + ["training.torch_compile=true"],
             "zhlora_packing": fastest + ["training.packing=true"],
             "zhlora_low_memory": fastest + ["training.gradient_checkpointing=true"]}
 
@@ -225,7 +226,7 @@ def figures(run: dict, supervised: int, tokens: int) -> dict:
 
 
 APPEND_HELP = ("add this invocation's runs to the earlier runs of the same variants (same data, settings and "
-               "machine) instead of replacing them: bench/side_by_side.sh interleaves zhlora and LLaMA-Factory so")
+               "machine) instead of replacing them: how bench/side_by_side.sh interleaves zhlora and LLaMA-Factory")
 
 
 def earlier_runs(name: str, data_file: str, settings: dict, runs: dict, here: dict, meaning: dict,

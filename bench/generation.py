@@ -104,7 +104,8 @@ def profile(model, tokenizer, prompts, args, one_by_one_seconds: float | None) -
     phases = {"refill_seconds": total, "new_tokens": sum(len(g.token_ids) for g in out),
               "refill_prefill_seconds": spent["_join"], "refill_decode_seconds": spent["_step"],
               "refill_drop_seconds": spent["_drop_done"], "prefill_calls": calls["_join"],
-              "decode_steps": calls["_step"], "prompt_tokens": sum(map(len, prompts)), "one_by_one_prefill_seconds": alone}
+              "decode_steps": calls["_step"], "prompt_tokens": sum(map(len, prompts)),
+              "one_by_one_prefill_seconds": alone}
     if one_by_one_seconds:  # the median one-by-one greedy time of the timed repeats
         phases["bound_if_decoding_were_free"] = one_by_one_seconds / spent["_join"]
         phases["one_by_one_prefill_share"] = alone / one_by_one_seconds

@@ -127,7 +127,8 @@ def write_peer_result(args, venv: Path, data_file: Path, counts: dict, runs: dic
                 "learning_rate": args.learning_rate, "repeats": args.repeats, "template": args.template,
                 "lora": "r16 a32 d0.05 q_proj,v_proj"}
     result_file = result_name("peer_llamafactory", args.device, args.workload)
-    for variant, earlier in earlier_runs(result_file, data_file.name, settings, runs, here, VARIANTS, args.append).items():
+    kept = earlier_runs(result_file, data_file.name, settings, runs, here, VARIANTS, args.append)
+    for variant, earlier in kept.items():
         runs[variant] = earlier + runs.get(variant, [])
     medians = {v: median_of(r) for v, r in runs.items()}
     best = max(medians, key=lambda v: medians[v]["supervised_tokens_per_s"])

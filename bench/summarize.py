@@ -180,7 +180,8 @@ def training_rows(result: dict | None, peer: dict | None, rows_measured: dict) -
                  if best and when.get("beside_llamafactory_best") else "-")
         rows.append(f"| {variant} | {f['supervised_tokens_per_s']:.1f} | {f['supervised_tokens_per_s_range'][0]:.1f}-"
                     f"{f['supervised_tokens_per_s_range'][1]:.1f} | {ratio} | {f['tokens_per_s']:.1f} | "
-                    f"{f['seconds_per_step']:.2f} | {f['peak_rss_mb']:.0f} | {f['repeats']} | {when.get('span', '-')} |")
+                    f"{f['seconds_per_step']:.2f} | {f['peak_rss_mb']:.0f} | {f['repeats']} | "
+                    f"{when.get('span', '-')} |")
     return rows
 
 

@@ -39,8 +39,9 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import (APPEND_HELP, WORK, add_common_args, earlier_runs, figures, machine, median_of, model_folder, result_name, parse_variants,
-                    run_measured, run_zhlora, switch_variants, token_counts, write_result, write_subset)
+from common import (APPEND_HELP, WORK, add_common_args, earlier_runs, figures, machine, median_of, model_folder,
+                    parse_variants, result_name, run_measured, run_zhlora, switch_variants, token_counts, write_result,
+                    write_subset)
 
 BASELINE = "bench/baselines/hf_trainer_peft.py"
 
