@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from conftest import tiny_overrides
 from zhlora.config import ConfigError, load_config
 from zhlora.train import TrainingError, train
+from zhlora.training.compiling import cpp_compiler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -282,8 +283,7 @@ def test_real_tokens_never_counts_padding():
     assert real_tokens(packed, [[0, 1], [2]]) == 15  # packed rows of width 8: the tails are padding
 
 
-@pytest.mark.skipif(not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")),
-                    reason="torch.compile (inductor) on a CPU needs a C++ compiler")
+@pytest.mark.skipif(not cpp_compiler(), reason="torch.compile (inductor) on a CPU needs a C++ compiler")
 def test_torch_compile_gives_the_same_losses_and_a_plain_peft_adapter(tiny_model_dir, tiny_data_dir, tmp_path):
     """training.torch_compile compiles each decoder layer in place: the losses are the eager ones
     to rounding, and the adapter keeps PEFT's key names (no `_orig_mod.`). Dropout 0: compiled

@@ -35,6 +35,11 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in base.modules() if type(m).__name__ in names]
 
 
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor would use on a CPU (CXX, else g++ or c++ on PATH), or None."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
 def compile_decoder_layers(model: torch.nn.Module) -> int:
     """Compile every decoder layer in place; returns how many. dynamic=True: batches differ in
     length every step, and one shape-generic graph avoids a recompile for each new length."""
@@ -45,7 +50,7 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
         raise ConfigError(f"training.torch_compile=true: {type(model).__name__} lists no repeated decoder "
                           "layer (_no_split_modules) to compile; set training.torch_compile=false")
     on_cpu = next(model.parameters()).device.type == "cpu"
-    if on_cpu and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")):
+    if on_cpu and not cpp_compiler():
         # inductor writes C++ for the CPU; without a compiler it fails only at the first forward
         raise ConfigError("training.torch_compile=true on a CPU needs a C++ compiler (g++, or CXX=...): "
                           "install one (apt install g++) or set training.torch_compile=false")
