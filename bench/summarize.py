@@ -46,8 +46,9 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-# the quick start's setting, and it with one switch more (compiled layers, packing): the best one counts
-FASTEST = ("zhlora_fastest", "zhlora_compile", "zhlora_packing")
+# the quick start's setting, and it with one or two switches more (compiled layers, packing, cheaper
+# dropout masks): the best one counts
+FASTEST = ("zhlora_fastest", "zhlora_compile", "zhlora_packing", "zhlora_fast_dropout", "zhlora_packing_fast_dropout")
 # bench/mfu.py [--workload alpaca_zh_demo] [--variant zhlora_compile] --from_throughput: the highest counts
 MFU_FILES = {"mfu": "zhlora_fastest, mixed", "mfu_zhlora_compile": "zhlora_compile, mixed",
              "mfu_alpaca_zh_demo": "zhlora_fastest, alpaca_zh_demo",

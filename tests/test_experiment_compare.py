@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from zhlora.config import ConfigError
-from zhlora.cpu_share import SHARED_ABOVE, CpuShare, is_shared
+from zhlora.cpu_share import SHARED_ABOVE, CpuShare, busy_seconds, is_shared, others_share
 from zhlora.experiment_compare import compare, group_scores, seed_interval, timed_costs, verdict
 
 TASKS = ["num2cn", "digits", "extreme", "cn2num"] * 10  # 40 headline rows, plus self_cognition below
@@ -86,5 +87,24 @@ def test_cpu_share_is_a_fraction_and_unknown_counts_as_shared():
     sum(i * i for i in range(200_000))  # some work of our own, which is not "others"
     measured = share.others()
     if Path("/proc/stat").is_file():
-        assert 0.0 <= measured <= 1.0
+        assert measured is not None and 0.0 <= measured <= 1.0
     assert is_shared(None) and is_shared(SHARED_ABOVE + 0.01) and not is_shared(0.0)
+
+
+def test_others_share_counts_our_time_out_and_stays_within_0_and_1():
+    assert others_share(busy=3.0, own=2.0, wall=2.0, n_cores=2) == 0.25
+    # CI once measured 1.054 over a 20 ms window: 4 busy ticks of 10 ms against 38 ms of core time
+    assert others_share(busy=0.04, own=0.0, wall=0.019, n_cores=2) == 1.0
+    assert others_share(busy=0.01, own=0.02, wall=0.019, n_cores=2) == 0.0
+
+
+def test_busy_time_counts_only_the_cores_we_may_run_on():
+    stat = ("cpu  900 0 100 5000 0 0 0 0 0 0\n"
+            "cpu0 100 0 0 2000 0 0 0 0 0 0\n"
+            "cpu1 300 0 100 1000 0 0 0 0 0 0\n"
+            "cpu2 500 0 0 2000 0 0 0 0 0 0\n"
+            "intr 12345\n")
+    tick = os.sysconf("SC_CLK_TCK")
+    assert busy_seconds(stat, allowed={0, 1}) == 500 / tick  # cpu2's work is not on our cores
+    assert busy_seconds(stat, allowed={2}) == 500 / tick
+    assert busy_seconds(stat, allowed={7}) is None

@@ -63,11 +63,13 @@ def test_loss_falls_and_adapter_reloads_with_plain_peft(tiny_model_dir, tiny_dat
     assert not torch.allclose(tiny_logits(peft_model, tokenizer), tiny_logits(base, tokenizer))
 
 
-def test_resume_equals_uninterrupted_run(tiny_model_dir, tiny_data_dir, tmp_path):
-    """Tolerance: bit-identical on CPU (we assert max |diff| <= 1e-6)."""
+@pytest.mark.parametrize("fast_dropout", [False, True])
+def test_resume_equals_uninterrupted_run(tiny_model_dir, tiny_data_dir, tmp_path, fast_dropout):
+    """Tolerance: bit-identical on CPU (we assert max |diff| <= 1e-6). With training.fast_dropout the
+    masks come from the same global generator, whose state the checkpoint restores."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     common = ("training.max_steps=20", "training.save_steps=10", "lora.lora_dropout=0.1",
-              "training.gradient_accumulation_steps=2")
+              "training.gradient_accumulation_steps=2", f"training.fast_dropout={str(fast_dropout).lower()}")
     run(tiny_model_dir, tiny_data_dir, full, *common)
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "checkpoint-10", resumed / "checkpoints" / "checkpoint-10")
@@ -305,3 +307,17 @@ def test_torch_compile_gives_the_same_losses_and_a_plain_peft_adapter(tiny_model
     from transformers import AutoModelForCausalLM
 
     assert len(decoder_layers(AutoModelForCausalLM.from_pretrained(tiny_model_dir))) >= 2
+
+
+def test_fast_dropout_draws_other_masks_than_nn_dropout(tiny_model_dir, tiny_data_dir, tmp_path):
+    """The switch reaches the training model: same seed, other masks, so other losses from the
+    second step on (lora_B starts at 0, so the first step's loss does not see the masks; its
+    gradient does); without dropout the switch changes nothing."""
+    losses = {}
+    for fast, p in ((False, 0.3), (True, 0.3), (False, 0.0), (True, 0.0)):
+        out = tmp_path / f"fast_{fast}_{p}"
+        run(tiny_model_dir, tiny_data_dir, out, "training.max_steps=3", "training.logging_steps=1",
+            f"lora.lora_dropout={p}", f"training.fast_dropout={str(fast).lower()}")
+        losses[fast, p] = [row["loss"] for row in history(out) if "loss" in row]
+    assert losses[True, 0.3][0] == losses[False, 0.3][0] and losses[True, 0.3][1:] != losses[False, 0.3][1:]
+    assert losses[True, 0.0] == losses[False, 0.0]

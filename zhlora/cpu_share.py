@@ -5,7 +5,7 @@ that had the machine to itself (docs/guide.md prints no time or memory figure of
     ...
     share.others(processes)   # at the end: the share of all cores' time that other programs used
 
-Linux counts every core's busy time since boot in /proc/stat (the first line, in clock ticks);
+Linux counts each core's busy time since boot in /proc/stat (a cpuN line each, in clock ticks);
 this process's own CPU time is os.times(). What the machine was busy with beyond our own
 processes, divided by what all cores could have done in the wall time, is the share others took.
 Data-parallel ranks are sibling processes that each do the same work, so a run of N processes
@@ -21,25 +21,37 @@ SHARED_ABOVE = 0.05  # others took more than 5% of all cores: timings of the run
 # (an idle 2-core machine measures about 0.01: the system's own daemons)
 
 
-def busy_seconds() -> float | None:
-    """All cores' busy time since boot (user, nice, system, irq, softirq, steal), or None."""
+def busy_seconds(stat_text: str | None = None, allowed: set[int] | None = None) -> float | None:
+    """Busy time since boot (user, nice, system, irq, softirq, steal) of the cores this process may
+    run on, or None. Only those cores count: in a container or under taskset, /proc/stat's first
+    line also sums cores we never run on, and others' work there does not slow us down."""
+    if stat_text is None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                stat_text = f.read()
+        except OSError:
+            return None
+    allowed = allowed_cores() if allowed is None else allowed
+    ticks, found = 0, False
+    for line in stat_text.splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in allowed:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in values[:8])
+            ticks += user + nice + system + irq + softirq + steal
+            found = True
+    return ticks / os.sysconf("SC_CLK_TCK") if found else None
+
+
+def allowed_cores() -> set[int]:
+    """The cores this process may run on (a container or taskset may allow fewer than the machine has)."""
     try:
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    if not fields or fields[0] != "cpu":
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        return os.sched_getaffinity(0)
+    except AttributeError:  # macOS, Windows
+        return set(range(os.cpu_count() or 1))
 
 
 def cores() -> int:
-    """The cores this process may run on (a container or taskset may allow fewer than the machine has)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+    return len(allowed_cores())
 
 
 def own_seconds() -> float:
@@ -57,8 +69,17 @@ class CpuShare:
         if busy is None or self.busy is None:
             return None
         wall = time.perf_counter() - self.wall
-        theirs = (busy - self.busy) - processes * (own_seconds() - self.own)
-        return round(max(0.0, theirs) / (wall * cores()), 4)
+        return others_share(busy - self.busy, processes * (own_seconds() - self.own), wall, cores())
+
+
+def others_share(busy: float, own: float, wall: float, n_cores: int) -> float:
+    """What the cores were busy with beyond our own time, as a share of what they could have done.
+    Both busy times are counted in clock ticks (10 ms), so over a window of a few ticks the rounding
+    alone can put the share below 0 or above 1; it is kept within them, since others can take
+    neither less than nothing nor more than every core."""
+    if wall <= 0:
+        return 0.0
+    return round(min(1.0, max(0.0, busy - own) / (wall * n_cores)), 4)
 
 
 def is_shared(share: float | None) -> bool:

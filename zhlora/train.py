@@ -42,6 +42,7 @@ from zhlora.training.batching import batch_stream, collate, collate_padded, coun
 from zhlora.training.checkpoint import list_checkpoints, rng_state, save_checkpoint
 from zhlora.training.compiling import compile_decoder_layers
 from zhlora.training.distill import Distiller
+from zhlora.training.dropout import use_word_mask_dropout
 from zhlora.training.progressive import grow_lora, parse_schedule
 from zhlora.training.setup import (Run, batch_stream_settings, check_output_dir, load_split, make_accelerator,
                                    raw_optimizer, resume, resume_point)
@@ -237,6 +238,8 @@ def load_for_training(cfg: Config, acc):
     if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg)
+    if cfg.training.fast_dropout:
+        use_word_mask_dropout(model)
     if cfg.training.torch_compile:
         compile_decoder_layers(model)
     return model, tokenizer

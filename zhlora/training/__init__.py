@@ -9,4 +9,5 @@
     progressive.py  grow LoRA's rank while training (r=8 -> 16 -> 32)
     distill.py      the distillation teacher and its cached top-k (the loss is in zhlora/loss.py)
     compiling.py    training.torch_compile: each decoder layer compiled in place by inductor
+    dropout.py      training.fast_dropout: LoRA dropout masks cut from 64-bit random words
 """
