@@ -265,7 +265,7 @@ def median_of(runs: list[dict]) -> dict:
     A run during which other programs took more than cpu_share.SHARED_ABOVE of the CPU is left
     out (it stays in the result's `runs`, and `dropped` counts it); runs measured before the
     share was recorded have none and count. If every run was shared, the figures are those of
-    all runs and `repeats` is 0, so no headline ratio is taken from them (summarize.best_of)."""
+    all runs and `repeats` is 0; summarize.paired pairs idle runs only."""
     kept = idle_runs(runs)
     used = kept or runs
     keys = [k for k, v in used[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]

@@ -8,7 +8,9 @@ Headline keys (each a number, or null when its benchmark has not run yet):
                                 and zhlora_compile on both workloads (MFU_FILES); mfu_variant names it
   speedup_vs_llamafactory       zhlora's best variant (FASTEST) / LLaMA-Factory's
                                 best variant, supervised tokens/s, on the mixed workload
-                                (train_throughput.json, peer_llamafactory.json); `compared` names both
+                                (train_throughput.json, peer_llamafactory.json): the median over
+                                zhlora's runs of each one's ratio to the LLaMA-Factory run made
+                                nearest to it (`paired`); `compared` names both
   speedup_vs_llamafactory_alpaca_zh_demo   the same on alpaca_zh_demo.json alone (*_alpaca_zh_demo.json)
   speedup_low_memory_vs_llamafactory       zhlora_low_memory / LLaMA-Factory's best, alpaca_zh_demo
   speedup_low_memory_vs_llamafactory_default   the same against LLaMA-Factory's default (lf_default), whose
@@ -22,10 +24,11 @@ with the machine and the date. GPU results (NAME_cuda.json) go under "cuda".
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from datetime import datetime, timedelta, timezone
 
-from common import REPO, RESULTS
+from common import REPO, RESULTS, idle_runs
 
 BEGIN, END = "<!-- BEGIN GENERATED: bench (python bench/summarize.py --readme) -->", "<!-- END GENERATED: bench -->"
 ALPACA = "_alpaca_zh_demo"
@@ -55,23 +58,43 @@ MFU_FILES = {"mfu": "zhlora_fastest, mixed", "mfu_zhlora_compile": "zhlora_compi
              "mfu_zhlora_compile_alpaca_zh_demo": "zhlora_compile, alpaca_zh_demo"}
 
 
-def best_of(train: dict | None, variants=FASTEST) -> str | None:
-    """The variant with the highest median supervised tokens/s among `variants` that ran 3 times or
-    more (None if none did): a single run is shown in the table but never picked as the best."""
-    ran = [v for v in variants if train and v in train["median"] and train["median"][v]["repeats"] >= 3]
-    return max(ran, key=lambda v: train["median"][v]["supervised_tokens_per_s"]) if ran else None
+def best_of(train: dict | None, peer: dict | None, variants=FASTEST) -> str | None:
+    """The variant among `variants` with the highest paired ratio to LLaMA-Factory's best, of those
+    with 3 pairs or more (None if none has): a single run is shown in the table but never picked.
+    By the paired ratio, not by the median tok/s: rows measured in a faster hour of this VM would
+    win on their medians alone."""
+    ratios = {v: paired(train, v, peer, peer and peer["best"]) for v in variants}
+    ranked = [v for v, r in ratios.items() if r and r["pairs"] >= 3]
+    return max(ranked, key=lambda v: ratios[v]["x"]) if ranked else None
 
 
 def over_peer(train: dict | None, peer: dict | None, variant: str | None, peer_variant: str | None = None) -> float | None:
-    """zhlora variant / LLaMA-Factory's variant (default: its best), supervised tokens/s (None when either is
-    missing, or when the two were not measured side by side: see beside)."""
+    """zhlora variant / LLaMA-Factory's variant (default: its best), supervised tokens/s: the median
+    of the paired ratios (see paired), None when either is missing or no run of one was made near a
+    run of the other."""
     peer_variant = peer_variant or (peer and peer["best"])
-    if not (train and peer and variant in train["median"] and peer_variant in peer["median"]):
+    pairs = paired(train, variant, peer, peer_variant)
+    return pairs["x"] if pairs else None
+
+
+def paired(train: dict | None, variant: str | None, peer: dict | None, peer_variant: str | None) -> dict | None:
+    """Each idle run of `variant` divided by the idle run of `peer_variant` made nearest to it in
+    time (within SLACK): {"x": median ratio, "range": [min, max], "pairs": n}, or None without a pair.
+    Pairs, not one median over another: this VM's speed drifts by 2x within an hour (on 2026-12-01
+    LLaMA-Factory's best ran at 55.2 and at 139.9 tok/s), and two runs of one round of
+    bench/side_by_side.sh meet the machine in the same state."""
+    if not (train and peer and variant and peer_variant):
         return None
-    if not beside(span(train, variant), span(peer, peer_variant)):
+    theirs = [r for r in idle_runs(peer.get("runs", {}).get(peer_variant, [])) if r.get("date")]
+    ratios = []
+    for run in (r for r in idle_runs(train.get("runs", {}).get(variant, [])) if r.get("date")):
+        when = datetime.fromisoformat(run["date"])
+        near = min(theirs, key=lambda r: abs(datetime.fromisoformat(r["date"]) - when), default=None)
+        if near and abs(datetime.fromisoformat(near["date"]) - when) <= SLACK:
+            ratios.append(run["supervised_tokens_per_s"] / near["supervised_tokens_per_s"])
+    if not ratios:
         return None
-    return (train["median"][variant]["supervised_tokens_per_s"]
-            / peer["median"][peer_variant]["supervised_tokens_per_s"])
+    return {"x": statistics.median(ratios), "range": [min(ratios), max(ratios)], "pairs": len(ratios)}
 
 
 def headline(suffix: str = "") -> dict:
@@ -84,9 +107,9 @@ def headline(suffix: str = "") -> dict:
     sources = [r for r in (train, peer, train_a, peer_a, gen, *(r for r, _ in mfus)) if r]
     out["mfu"] = mfu["mfu"] if mfu else None
     out["mfu_variant"] = mfu_label
-    out["speedup_vs_llamafactory"] = over_peer(train, peer, best_of(train))
-    out["speedup_vs_llamafactory_alpaca_zh_demo"] = over_peer(train_a, peer_a, best_of(train_a))
-    out["compared"] = {"zhlora": {"mixed": best_of(train), "alpaca_zh_demo": best_of(train_a)},
+    out["speedup_vs_llamafactory"] = over_peer(train, peer, best_of(train, peer))
+    out["speedup_vs_llamafactory_alpaca_zh_demo"] = over_peer(train_a, peer_a, best_of(train_a, peer_a))
+    out["compared"] = {"zhlora": {"mixed": best_of(train, peer), "alpaca_zh_demo": best_of(train_a, peer_a)},
                        "llamafactory": {"mixed": peer and peer["best"], "alpaca_zh_demo": peer_a and peer_a["best"]}}
     out["speedup_low_memory_vs_llamafactory"] = over_peer(train_a, peer_a, "zhlora_low_memory")
     out["speedup_low_memory_vs_llamafactory_default"] = over_peer(train_a, peer_a, "zhlora_low_memory", "lf_default")
@@ -134,8 +157,8 @@ def goal(key: str, summary: dict) -> str:
     return f"{op} {shown(key, target)}"
 
 
-# Runs count as side by side when their time spans overlap, give or take this much: one round of
-# side_by_side.sh runs each variant once, so a zhlora run and LLaMA-Factory's may be minutes apart.
+# A zhlora run is paired with LLaMA-Factory's run made nearest to it, at most this far apart: one
+# round of side_by_side.sh runs each variant once, so the two may be minutes apart.
 SLACK = timedelta(minutes=30)
 
 
@@ -143,15 +166,6 @@ def span(result: dict | None, variant: str) -> tuple[str, str] | None:
     """(first, last) ISO date of a variant's runs, or None when none recorded one."""
     dates = sorted(run["date"] for run in (result or {}).get("runs", {}).get(variant, []) if run.get("date"))
     return (dates[0], dates[-1]) if dates else None
-
-
-def beside(a: tuple[str, str] | None, b: tuple[str, str] | None) -> bool:
-    """Whether two spans overlap (within SLACK): a ratio between two rows means something only then,
-    since this VM's speed drifts between hours (bench/side_by_side.sh interleaves the two tools)."""
-    if not (a and b):
-        return False
-    t = [datetime.fromisoformat(x) for x in (*a, *b)]
-    return t[0] <= t[3] + SLACK and t[2] <= t[1] + SLACK
 
 
 def span_words(pair: tuple[str, str] | None) -> str:
@@ -163,22 +177,22 @@ def span_words(pair: tuple[str, str] | None) -> str:
 
 
 def measured(train: dict | None, peer: dict | None) -> dict:
-    """{variant: {"span": words, "beside_llamafactory_best": bool}} for every row of both tables
-    (scripts/make_reports.py reads this rather than working it out again)."""
-    best = span(peer, peer["best"]) if peer else None
+    """{variant: {"span": words, "x_llamafactory_best": paired(...) or None}} for every row of both
+    tables (scripts/make_reports.py reads this rather than working it out again)."""
+    best = peer and peer["best"]
     return {variant: {"span": span_words(span(result, variant)),
-                      "beside_llamafactory_best": beside(span(result, variant), best)}
+                      "x_llamafactory_best": paired(result, variant, peer, best)}
             for result in (train, peer) if result for variant in result.get("median", {})}
 
 
-def training_rows(result: dict | None, peer: dict | None, rows_measured: dict) -> list[str]:
-    """One row per variant; `x LF best` only for rows measured beside LLaMA-Factory's best."""
-    best = peer and peer["median"].get(peer["best"])
+def training_rows(result: dict | None, rows_measured: dict) -> list[str]:
+    """One row per variant; `x LF best` (median of paired runs, their range) only for rows measured
+    beside LLaMA-Factory's best."""
     rows = []
     for variant, f in (result or {}).get("median", {}).items():
         when = rows_measured.get(variant, {})
-        ratio = (f"{f['supervised_tokens_per_s'] / best['supervised_tokens_per_s']:.2f}x"
-                 if best and when.get("beside_llamafactory_best") else "-")
+        pairs = when.get("x_llamafactory_best")
+        ratio = f"{pairs['x']:.2f}x ({pairs['range'][0]:.2f}-{pairs['range'][1]:.2f})" if pairs else "-"
         rows.append(f"| {variant} | {f['supervised_tokens_per_s']:.1f} | {f['supervised_tokens_per_s_range'][0]:.1f}-"
                     f"{f['supervised_tokens_per_s_range'][1]:.1f} | {ratio} | {f['tokens_per_s']:.1f} | "
                     f"{f['seconds_per_step']:.2f} | {f['peak_rss_mb']:.0f} | {f['repeats']} | "
@@ -197,7 +211,7 @@ def markdown(summary: dict, suffix: str = "") -> str:
     for title, name, workload in (("mixed workload", "", "mixed"),
                                   ("alpaca_zh_demo workload", ALPACA, "alpaca_zh_demo")):
         peer, when = load("peer_llamafactory" + name + suffix), summary["measured"][workload]
-        rows = training_rows(load("train_throughput" + name + suffix), peer, when) + training_rows(peer, peer, when)
+        rows = training_rows(load("train_throughput" + name + suffix), when) + training_rows(peer, when)
         if rows:
             lines += ["", f"| training, {title} (median) | supervised tok/s | range | x LF best | total tok/s | "
                           "s/step | peak RSS MB | runs | measured (UTC) |", "| --- " * 9 + "|", *rows]

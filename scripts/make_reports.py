@@ -472,20 +472,21 @@ def bench_targets(summary: dict) -> list[str]:
 
 
 def bench_training(folder: Path, suffix: str, measured: dict) -> list[str]:
-    """One row per runner: supervised tok/s (median, range), ratio to LLaMA-Factory's best (only for
-    rows measured beside it: summary.json's `measured`, from bench/summarize.py), peak RSS, when."""
+    """One row per runner: supervised tok/s (median, range), ratio to LLaMA-Factory's best (the median
+    of runs paired in time, and their range: summary.json's `measured`, from bench/summarize.py;
+    none for rows never run near it), peak RSS, when."""
     ours, peer = read_json(folder / f"train_throughput{suffix}.json"), read_json(folder / f"peer_llamafactory{suffix}.json")
     results = [(r, name) for r in (ours, peer) if r for name in r.get("median", {})]
     if not results:
         return []
-    best = (peer or {}).get("median", {}).get((peer or {}).get("best"), {}).get("supervised_tokens_per_s")
     rows = []
     for result, name in results:
         f, when = result["median"][name], measured.get(name, {})
+        pairs = when.get("x_llamafactory_best")
         rows.append([f"`{name}`", fmt(f["supervised_tokens_per_s"], 1), span(f.get("supervised_tokens_per_s_range")),
-                     fmt(f["supervised_tokens_per_s"] / best, 2) if best and when.get("beside_llamafactory_best")
-                     else "-", fmt(f["peak_rss_mb"], 0), str(f.get("repeats", "-")), when.get("span", "-")])
-    return table(["训练方式", "监督 token/s（中位数）", "范围", "相对 LLaMA-Factory 最好设置（同时段测）", "峰值 RSS MB",
+                     f"{fmt(pairs['x'], 2)}（{span(pairs['range'], 2)}）" if pairs else "-",
+                     fmt(f["peak_rss_mb"], 0), str(f.get("repeats", "-")), when.get("span", "-")])
+    return table(["训练方式", "监督 token/s（中位数）", "范围", "相对 LLaMA-Factory 最好设置（配对中位数与范围）", "峰值 RSS MB",
                   "重复次数", "测量时间（UTC）"], rows)
 
 
@@ -497,8 +498,9 @@ def section_bench(root: Path, data: Path, link: str) -> str:
                 + "，" + REGENERATE)
     lines = [f"机器：{machine_words(summary.get('machine'))}；日期：{date_words(summary.get('date'))}。"
              "每个数字是空闲机器上至少 3 次重复的中位数（只跑一次的行注明重复次数 1）。这台虚拟机的速度在不同时段能差到"
-             "一倍，所以 zhlora 与 LLaMA-Factory 是交替运行的（`bash bench/side_by_side.sh`），只有与 LLaMA-Factory "
-             "最好设置同一时段测的行才给出相对它的倍数。", "", *bench_targets(summary)]
+             "一倍，所以 zhlora 与 LLaMA-Factory 是交替运行的（`bash bench/side_by_side.sh`）。相对 LLaMA-Factory "
+             "最好设置的倍数是配对算的：zhlora 的每次运行除以时间上离它最近的那次 LLaMA-Factory 运行（相隔不超过 30 "
+             "分钟），再取中位数；附近没有 LLaMA-Factory 运行的行不给倍数。", "", *bench_targets(summary)]
     for title, suffix, workload in (("混合数据（生成任务 + alpaca_zh_demo.json）", "", "mixed"),
                                     ("只用 alpaca_zh_demo.json（长答案）", "_alpaca_zh_demo", "alpaca_zh_demo")):
         rows = bench_training(folder, suffix, (summary.get("measured") or {}).get(workload, {}))

@@ -14,23 +14,28 @@ import common  # noqa: E402  (bench/common.py)
 import summarize  # noqa: E402
 
 
-def runs_at(*stamps: str) -> list[dict]:
-    return [{"date": f"2026-11-30T{t}:00+00:00", "supervised_tokens_per_s": 100.0} for t in stamps]
+def runs_at(*stamps: str, speed: float = 100.0) -> list[dict]:
+    return [{"date": f"2026-11-30T{t}:00+00:00", "supervised_tokens_per_s": speed} for t in stamps]
 
 
-def test_only_runs_made_in_the_same_hours_are_side_by_side():
-    interleaved = summarize.span({"runs": {"a": runs_at("10:00", "10:20")}}, "a")
-    peer = summarize.span({"runs": {"b": runs_at("10:05", "10:30")}}, "b")
-    an_hour_later = summarize.span({"runs": {"b": runs_at("11:10", "11:15")}}, "b")
-    assert summarize.beside(interleaved, peer)
-    assert not summarize.beside(interleaved, an_hour_later)  # the 2026-11-30 mixed ratio's case
-    assert not summarize.beside(interleaved, None)  # runs recorded without a date
-    assert summarize.span_words(interleaved) == "2026-11-30 10:00-10:20"
+def test_the_ratio_pairs_each_run_with_the_peer_run_made_nearest_to_it():
+    # the machine doubles its speed between the rounds: both tools alike
+    ours = runs_at("10:00", speed=300.0) + runs_at("10:20", speed=600.0) + runs_at("10:40", speed=620.0)
+    theirs = runs_at("10:05", speed=100.0) + runs_at("10:25", speed=200.0) + runs_at("10:45", speed=200.0)
+    train, peer = {"runs": {"a": ours}}, {"runs": {"lf": theirs}}
+    pairs = summarize.paired(train, "a", peer, "lf")
+    assert pairs == {"x": pytest.approx(3.0), "range": [pytest.approx(3.0), pytest.approx(3.1)], "pairs": 3}
+    theirs[0]["cpu_others_share"] = 0.5  # a shared run pairs with nothing; ours at 10:00 takes 10:25's
+    assert summarize.paired(train, "a", peer, "lf")["range"][0] == pytest.approx(1.5)
+    assert summarize.paired(train, "a", {"runs": {"lf": runs_at("12:00")}}, "lf") is None  # an hour apart
+    assert summarize.paired(train, "a", {"runs": {"lf": [{"supervised_tokens_per_s": 1.0}]}}, "lf") is None  # no date
+    assert summarize.span_words(summarize.span(train, "a")) == "2026-11-30 10:00-10:40"
 
 
 def test_a_ratio_across_hours_is_reported_apart_not_as_not_run():
     median = {"supervised_tokens_per_s": 300.0}
-    train = {"median": {"zhlora_fastest": {**median, "repeats": 3}}, "runs": {"zhlora_fastest": runs_at("10:00")}}
+    train = {"median": {"zhlora_fastest": {**median, "repeats": 3}},
+             "runs": {"zhlora_fastest": runs_at("10:00", speed=300.0)}}
     peer = {"best": "lf", "median": {"lf": {"supervised_tokens_per_s": 100.0}}, "runs": {"lf": runs_at("12:00")}}
     assert summarize.over_peer(train, peer, "zhlora_fastest") is None
     peer["runs"]["lf"] = runs_at("10:10")
@@ -53,3 +58,14 @@ def test_append_adds_repeats_and_a_changed_variant_drops_its_old_rows(tmp_path, 
     assert common.earlier_runs("r", "d.json", settings, now, here, {"a": ["x=1"], "b": ["y=2"]}, append=True) == \
         {"a": runs_at("10:00")}  # b now means another setting
     assert common.earlier_runs("r", "other.json", settings, now, here, {"a": ["x=1"]}, append=True) == {}
+
+
+def test_the_best_variant_is_chosen_by_its_paired_ratio_not_by_a_faster_hour():
+    steady = runs_at("10:00", "10:20", "10:40", speed=250.0)
+    peer = {"best": "lf", "runs": {"lf": runs_at("10:05", "10:25", "10:45")
+                                   + runs_at("11:05", "11:25", "11:45", speed=200.0)}}
+    train = {"runs": {"zhlora_packing": steady,  # 2.5x its neighbours
+                      "zhlora_compile": runs_at("11:00", "11:20", "11:40", speed=300.0),  # 1.5x, in a faster hour
+                      "zhlora_fastest": runs_at("10:01", speed=900.0)}}  # one pair: never picked
+    assert summarize.best_of(train, peer) == "zhlora_packing"
+    assert summarize.best_of(train, None) is None

@@ -175,8 +175,9 @@ def test_bench_results_fill_the_speed_section(tmp_path):
     results = root / "bench" / "results"
     results.mkdir(parents=True)
     machine = {"cpu": "Xeon", "cores": 2, "memory_gb": 23.5, "torch": "2.13.0+cpu", "python": "/usr/bin/python3"}
-    measured = {"mixed": {"zhlora_fastest": {"span": "2025-01-01 10:00-10:20", "beside_llamafactory_best": True},
-                          "zhlora_default": {"span": "2024-12-31 10:00-10:20", "beside_llamafactory_best": False}}}
+    paired = {"x": 2.5, "range": [2.25, 2.75], "pairs": 3}  # bench/summarize.paired
+    measured = {"mixed": {"zhlora_fastest": {"span": "2025-01-01 10:00-10:20", "x_llamafactory_best": paired},
+                          "zhlora_default": {"span": "2024-12-31 10:00-10:20", "x_llamafactory_best": None}}}
     (results / "summary.json").write_text(json.dumps(
         {"speedup_vs_llamafactory": 2.6, "speedup_vs_llamafactory_alpaca_zh_demo": 1.2, "mfu": 0.31,
          "peak_rss_mb_low_memory": 3300.0, "llamafactory_default_peak_rss_mb": 3061.0, "machine": machine,
@@ -194,7 +195,7 @@ def test_bench_results_fill_the_speed_section(tmp_path):
     assert "| 2.60 | ≥ 2.50 | 达到 |" in report and "| 1.20 | ≥ 2.50 | 未达到 |" in report
     assert "| 3,300 | ≤ 3,061 | 未达到 |" in report  # the bar is LLaMA-Factory's measured default
     assert "`speedup_batched` | 生成 token/s：补位批量贪心 vs 逐条贪心 | **尚未测量" in report
-    assert "| `zhlora_fastest` | 120.0 | 110.0–130.0 | 2.50 | 3,500 | 3 | 2025-01-01 10:00-10:20 |" in report
+    assert "| `zhlora_fastest` | 120.0 | 110.0–130.0 | 2.50（2.25–2.75） | 3,500 | 3 | 2025-01-01 10:00-10:20 |" in report
     # a row not measured beside LLaMA-Factory's best gets no ratio to it (bench/side_by_side.sh)
     assert "| `zhlora_default` | 120.0 | 110.0–130.0 | - | 3,500 | 3 | 2024-12-31 10:00-10:20 |" in report
     assert "| 不是同时段测的，不作比较 |" in report
