@@ -186,8 +186,8 @@ def measured(train: dict | None, peer: dict | None) -> dict:
 
 
 def training_rows(result: dict | None, rows_measured: dict) -> list[str]:
-    """One row per variant; `x LF best` (median of paired runs, their range) only for rows measured
-    beside LLaMA-Factory's best."""
+    """One row per variant; `x LF best` (median of paired runs, their range) only for rows with a run
+    near one of LLaMA-Factory's best (see paired)."""
     rows = []
     for variant, f in (result or {}).get("median", {}).items():
         when = rows_measured.get(variant, {})
