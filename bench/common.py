@@ -95,8 +95,8 @@ def switch_variants(device: str) -> dict[str, list[str]]:
     row of the table shows that switch's effect (zhlora_compile, zhlora_packing, zhlora_fast_dropout
     and zhlora_low_memory each add theirs to zhlora_fastest; zhlora_packing_fast_dropout adds two).
     zhlora_fastest is the quick start's setting (configs/quick_start.yaml: bf16 weights and
-    autocast; jemalloc and the fused cross-entropy are defaults). Every variant names its allocator and loss path: training.allocator=auto
-    would take jemalloc wherever it is installed."""
+    autocast; jemalloc and the fused cross-entropy are defaults). Every variant names its
+    allocator and loss path: training.allocator=auto would take jemalloc wherever it is installed."""
     bf16 = bf16_supported(device)
     default = ["training.allocator=system", "training.fused_cross_entropy=false"]
     autocast = default + (["training.mixed_precision=bf16"] if bf16 and device == "cpu" else [])

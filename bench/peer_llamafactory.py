@@ -31,6 +31,7 @@ from pathlib import Path
 
 from common import (APPEND_HELP, REPO, RESULTS, WORK, add_common_args, earlier_runs, figures, machine, median_of,
                     model_folder, parse_variants, result_name, run_measured, write_result, write_subset)
+from summarize import paired
 
 LF = WORK / "lf"
 VARIANTS = {
@@ -119,7 +120,8 @@ def count_tokenized(path: str) -> None:
 
 def write_peer_result(args, venv: Path, data_file: Path, counts: dict, runs: dict) -> None:
     """results/peer_llamafactory*.json: this invocation's runs plus the earlier ones it keeps
-    (common.earlier_runs, --append), medians, and zhlora / LLaMA-Factory from train_throughput's file."""
+    (common.earlier_runs, --append), medians, and zhlora / LLaMA-Factory from train_throughput's file
+    (summarize.paired, as summary.json has it)."""
     where = str(venv.relative_to(REPO)) if venv.is_relative_to(REPO) else venv.name  # no absolute path in results
     here = machine(args.device)
     settings = {"model": args.model, "workload": args.workload, "steps": args.steps, "batch_size": args.batch_size,
@@ -136,13 +138,15 @@ def write_peer_result(args, venv: Path, data_file: Path, counts: dict, runs: dic
               "data": {"file": data_file.name, **counts}, "median": medians, "best": best, "runs": runs}
     ours_file = RESULTS / f"{result_name('train_throughput', args.device, args.workload)}.json"
     if ours_file.is_file():
-        ours = json.loads(ours_file.read_text())["median"]
+        ours = json.loads(ours_file.read_text())
+        # the ratio summary.json reports: each zhlora run over the LLaMA-Factory run nearest to it
         result["zhlora_over_llamafactory"] = {
-            f"{z}/{v}": ours[z]["supervised_tokens_per_s"] / medians[v]["supervised_tokens_per_s"]
-            for z in ours if z != "baseline" for v in medians}
-        print("[bench] supervised tokens/s, zhlora / LLaMA-Factory:")
-        for key, ratio in result["zhlora_over_llamafactory"].items():
-            print(f"    {key:32s} {ratio:.2f}x")
+            f"{z}/{v}": pairs for z in ours["median"] if z != "baseline" for v in medians
+            if (pairs := paired(ours, z, result, v))}
+        print("[bench] supervised tokens/s, zhlora / LLaMA-Factory (median of runs paired in time, range):")
+        for key, pairs in result["zhlora_over_llamafactory"].items():
+            print(f"    {key:32s} {pairs['x']:.2f}x ({pairs['range'][0]:.2f}-{pairs['range'][1]:.2f}), "
+                  f"{pairs['pairs']} pairs")
     else:
         print(f"[bench] {ours_file} not found: run bench/train_throughput.py for the zhlora side of the ratio")
     write_result(result_file, result)
