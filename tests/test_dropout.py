@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from zhlora.training.dropout import WordMaskDropout, keep_mask, kept_share, use_word_mask_dropout
+from zhlora.training.dropout import WordMaskDropout, keep_mask, kept_share, lora_inputs_kept, use_word_mask_dropout
 
 
 def test_each_of_the_four_draws_in_a_word_keeps_1_minus_p():
@@ -75,3 +75,55 @@ def test_every_peft_lora_dropout_is_swapped_and_the_adapter_keys_stay():
     model.train()
     model(torch.randint(0, 64, (2, 9)), labels=torch.randint(0, 64, (2, 9))).loss.backward()
     assert layer.lora_A["default"].weight.grad is not None
+
+
+def tiny_bf16_lora(dropout_cls):
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).to(torch.bfloat16)
+    model = peft.get_peft_model(tiny, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, init_lora_weights=False,
+                                                      target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # trainable parameters in fp32, frozen weights in bf16, as zhlora trains
+    if dropout_cls is WordMaskDropout:
+        use_word_mask_dropout(model)
+    return model.train()
+
+
+def loss_and_grads(model, kept: bool, mixed_precision: str = "bf16"):
+    ids = torch.randint(0, 64, (4, 160), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(11)  # the same dropout masks for both runs
+    with torch.autocast("cpu", dtype=torch.bfloat16), lora_inputs_kept(model, kept, mixed_precision):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+def test_keeping_lora_inputs_in_bf16_changes_neither_loss_nor_gradients():
+    model = tiny_bf16_lora(WordMaskDropout)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    seen = []
+    handle = layer.lora_dropout["default"].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    cast_loss, cast_grads = loss_and_grads(model, kept=False)
+    kept_loss, kept_grads = loss_and_grads(model, kept=True)
+    handle.remove()
+    assert seen == [torch.float32, torch.bfloat16]  # PEFT's fp32 copy, then the input as it came
+    assert torch.equal(cast_loss, kept_loss)
+    assert cast_grads.keys() == kept_grads.keys() and all(torch.equal(cast_grads[n], kept_grads[n]) for n in cast_grads)
+    assert layer.cast_input_dtype_enabled  # the context restores PEFT's flag
+
+
+def test_lora_inputs_are_cast_without_autocast_or_without_the_switch():
+    model = tiny_bf16_lora(WordMaskDropout)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    for fast_dropout, mixed_precision in ((True, "no"), (False, "bf16")):
+        with lora_inputs_kept(model, fast_dropout, mixed_precision):
+            assert layer.cast_input_dtype_enabled
+    with lora_inputs_kept(model, True, "bf16"):
+        assert not layer.cast_input_dtype_enabled

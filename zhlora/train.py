@@ -42,7 +42,7 @@ from zhlora.training.batching import batch_stream, collate, collate_padded, coun
 from zhlora.training.checkpoint import list_checkpoints, rng_state, save_checkpoint
 from zhlora.training.compiling import compile_decoder_layers
 from zhlora.training.distill import Distiller
-from zhlora.training.dropout import use_word_mask_dropout
+from zhlora.training.dropout import lora_inputs_kept, use_word_mask_dropout
 from zhlora.training.progressive import grow_lora, parse_schedule
 from zhlora.training.setup import (Run, batch_stream_settings, check_output_dir, load_split, make_accelerator,
                                    raw_optimizer, resume, resume_point)
@@ -111,7 +111,8 @@ def step(run: Run, micro: list) -> tuple[float, float, torch.Tensor | None, int,
     loss_total = torch.zeros((), device=acc.device)
     for k, (batch, (_, _, mine)) in enumerate(zip(batches, micro)):
         sync = k == len(batches) - 1
-        with (nullcontext() if sync else acc.no_sync(run.model)), acc.autocast():
+        with (nullcontext() if sync else acc.no_sync(run.model)), acc.autocast(), \
+                lora_inputs_kept(run.model, cfg.training.fast_dropout, acc.mixed_precision):
             if run.distiller:
                 loss_sum, _ = run.distiller.loss(run.model, batch, mine)
             else:

@@ -13,12 +13,15 @@ generator (torch.manual_seed and a resumed checkpoint's RNG state reproduce them
 differs: p is rounded to a multiple of 1/65536 (0.05 becomes 0.0500031), and the masks are
 other draws than nn.Dropout's, so a run's losses differ from a run without the switch as two
 seeds differ, not more (tests/test_dropout.py).
+
+Under autocast the switch also keeps each adapted layer's input in its bf16 dtype (lora_inputs_kept).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+from peft.helpers import disable_input_dtype_casting
 from torch import nn
 
 WORDS = 65536  # the values one 16-bit draw takes
@@ -58,3 +61,18 @@ def use_word_mask_dropout(model: nn.Module) -> int:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, WordMaskDropout(module.p))
     return len(swaps)
+
+
+def lora_inputs_kept(model: nn.Module, fast_dropout: bool, mixed_precision: str):
+    """A context for the training forward: PEFT's cast of each adapted layer's input to the adapter's
+    dtype turned off, under autocast with training.fast_dropout.
+
+    With bf16 frozen weights PEFT copies the bf16 input to fp32 (the adapter's dtype) before the
+    dropout, and autocast casts it back to bf16 for lora_A: two copies of every adapted input a
+    forward pass, and two more in the backward. WordMaskDropout on the bf16 input gives the very
+    values of dropout on the fp32 copy rounded to bf16 (its product is formed in fp32 either way),
+    so the copies can go: same loss, same gradients (tests/test_dropout.py). nn.Dropout cannot: its
+    bf16 masks are other draws than its fp32 ones. Without autocast the cast is kept, since lora_A's
+    fp32 weight would then meet a bf16 input.
+    """
+    return disable_input_dtype_casting(model, active=fast_dropout and mixed_precision != "no")
