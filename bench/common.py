@@ -121,7 +121,8 @@ def build_subset(n: int, seed: int, workload: str = "mixed") -> list[dict]:
     files = (ALPACA_ZH,) if workload == "alpaca_zh_demo" else (GENERATED, ALPACA_ZH)
     for path in files:
         if not path.is_file():
-            hint = "run `python data/prepare_data.py` first" if path == GENERATED else "shared/ datasets missing"
+            hint = ("run `python data/prepare_data.py --config configs/quick_start.yaml` (or the quick start) first"
+                    if path == GENERATED else "shared/ datasets missing")
             raise SystemExit(f"[bench] {path} not found: {hint}")
     generated = [] if workload == "alpaca_zh_demo" else json.loads(GENERATED.read_text(encoding="utf-8"))
     alpaca = json.loads(ALPACA_ZH.read_text(encoding="utf-8"))

@@ -4,8 +4,9 @@
     python bench/summarize.py --readme   # also write the table into README.md, between its BENCH markers
 
 Headline keys (each a number, or null when its benchmark has not run yet):
-  mfu                           training FLOPs/s / measured bf16 matmul peak, the highest of zhlora_fastest
-                                and zhlora_compile on both workloads (MFU_FILES); mfu_variant names it
+  mfu                           training FLOPs/s / measured bf16 matmul peak, the highest of zhlora_fastest,
+                                zhlora_compile and zhlora_fast_dropout on both workloads (MFU_FILES);
+                                mfu_variant names it
   speedup_vs_llamafactory       zhlora's best variant (FASTEST) / LLaMA-Factory's
                                 best variant, supervised tokens/s, on the mixed workload
                                 (train_throughput.json, peer_llamafactory.json): the median over
@@ -54,8 +55,10 @@ def load(name: str) -> dict | None:
 FASTEST = ("zhlora_fastest", "zhlora_compile", "zhlora_packing", "zhlora_fast_dropout", "zhlora_packing_fast_dropout")
 # bench/mfu.py [--workload alpaca_zh_demo] [--variant zhlora_compile] --from_throughput: the highest counts
 MFU_FILES = {"mfu": "zhlora_fastest, mixed", "mfu_zhlora_compile": "zhlora_compile, mixed",
+             "mfu_zhlora_fast_dropout": "zhlora_fast_dropout, mixed",
              "mfu_alpaca_zh_demo": "zhlora_fastest, alpaca_zh_demo",
-             "mfu_zhlora_compile_alpaca_zh_demo": "zhlora_compile, alpaca_zh_demo"}
+             "mfu_zhlora_compile_alpaca_zh_demo": "zhlora_compile, alpaca_zh_demo",
+             "mfu_zhlora_fast_dropout_alpaca_zh_demo": "zhlora_fast_dropout, alpaca_zh_demo"}
 
 
 def best_of(train: dict | None, peer: dict | None, variants=FASTEST) -> str | None:
@@ -217,6 +220,8 @@ def markdown(summary: dict, suffix: str = "") -> str:
                           "s/step | peak RSS MB | runs | measured (UTC) |", "| --- " * 9 + "|", *rows]
     gen = load("generation" + suffix)
     if gen:
+        if gen["machine"].get("cpu") != m.get("cpu"):  # the VM's processor changed between the two benchmarks
+            lines += ["", f"Generation measured on {gen['machine'].get('cpu')}, {gen['date']}."]
         lines += ["", f"| generation, {gen['settings']['rows']} rows, {gen['settings']['dtype']} (median) | tokens/s | "
                       "range | x one by one | same text |", "| --- | --- | --- | --- | --- |"]
         for mode, f in gen["median"].items():

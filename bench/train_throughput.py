@@ -19,7 +19,7 @@ dropout 0.05 on q_proj,v_proj, batch size, learning rate and one epoch:
                        the first steps compile: ~16 s more with an empty inductor cache, see README);
   zhlora_packing       zhlora_fastest + training.packing=true;
   zhlora_fast_dropout  zhlora_fastest + training.fast_dropout=true (LoRA dropout masks cut from
-                       64-bit random words, zhlora/training/dropout.py);
+                       64-bit random words, on the bf16 inputs, zhlora/training/dropout.py);
   zhlora_packing_fast_dropout   both of the two above;
   zhlora_low_memory    zhlora_fastest + training.gradient_checkpointing=true (for short memory).
 Each repeat runs in a fresh process (peak RSS is its own); repeats are interleaved

@@ -511,8 +511,11 @@ def section_bench(root: Path, data: Path, link: str) -> str:
         rows = [[f"`{mode}`", fmt(f["tokens_per_s"], 1), fmt(gen["ratio_to_one_by_one_greedy"].get(mode), 2),
                  "-" if mode not in gen["same_text"] else f"{100 * gen['same_text'][mode]:.0f}%"]
                 for mode, f in gen["median"].items()]
+        # the VM's processor can change between two benchmarks: then say where generation ran
+        other = (gen.get("machine") or {}).get("cpu") != (summary.get("machine") or {}).get("cpu")
+        where = f"（在 {machine_words(gen.get('machine'))} 上测得，{date_words(gen.get('date'))}）" if other else ""
         lines += ["", f"生成，测试集前 {gen['settings']['rows']} 条，贪心，最多 {gen['settings']['max_new_tokens']} "
-                      f"个新 token，批大小 {gen['settings']['batch_size']}：", "",
+                      f"个新 token，批大小 {gen['settings']['batch_size']}{where}：", "",
                   *table(["方式", "token/s", "相对逐条", "与逐条文本相同"], rows)]
     return "\n".join(lines)
 
@@ -571,7 +574,8 @@ def quick_start_repeats(bench: dict) -> str:
     def cell(key: str, scale: float = 1.0, unit: str = " 秒", digits: int = 0) -> str:
         low, high = bench[f"{key}_range"]
         return f"{bench[key] * scale:.{digits}f}{unit}（{low * scale:.{digits}f}–{high * scale:.{digits}f}）"
-    return (f"`python bench/quick_start.py` 在空闲的机器上从头运行 {bench['repeats']} 次（{date_words(bench.get('date'))}），"
+    return (f"`python bench/quick_start.py` 在空闲的机器上从头运行 {bench['repeats']} 次"
+            f"（{machine_words(bench['machine']) + '，' if bench.get('machine') else ''}{date_words(bench.get('date'))}），"
             f"中位数（范围）：总用时 {cell('total', 1 / 60, ' 分钟', 1)}，"
             + "，".join(f"{zh} {cell(key)}" for key, zh in STAGES if bench.get(key) is not None)
             + f"；评估占总用时的 {cell('evaluate_share', 100, '%', 1)}。")

@@ -69,3 +69,17 @@ def test_the_best_variant_is_chosen_by_its_paired_ratio_not_by_a_faster_hour():
                       "zhlora_fastest": runs_at("10:01", speed=900.0)}}  # one pair: never picked
     assert summarize.best_of(train, peer) == "zhlora_packing"
     assert summarize.best_of(train, None) is None
+
+
+def test_generation_measured_on_another_processor_says_where(monkeypatch):
+    """The VM's processor can change between benchmarks: the table then names where generation ran."""
+    gen = {"machine": {"cpu": "Intel Xeon"}, "date": "2026-12-01T02:51:33+00:00",
+           "settings": {"rows": 64, "dtype": "torch.float32"},
+           "median": {"one_by_one_greedy": {"tokens_per_s": 20.0, "tokens_per_s_range": [19.0, 21.0]}},
+           "ratio_to_one_by_one_greedy": {}, "same_text": {}}
+    monkeypatch.setattr(summarize, "load", lambda name: gen if name == "generation" else None)
+    summary = {**{key: None for key in summarize.TARGETS}, "machine": {"cpu": "AMD EPYC", "cores": 2},
+               "date": "2026-12-06T12:32:00+00:00", "measured": {"mixed": {}, "alpaca_zh_demo": {}}}
+    assert "Generation measured on Intel Xeon, 2026-12-01T02:51:33+00:00." in summarize.markdown(summary)
+    summary["machine"]["cpu"] = "Intel Xeon"
+    assert "Generation measured on" not in summarize.markdown(summary)

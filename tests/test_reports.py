@@ -488,12 +488,14 @@ def test_the_quick_start_timed_from_scratch_three_times(tmp_path):
         {"model": "m", "device": "cpu", "trainable_params": 1, "total_params": 2, "trainable_percent": 50.0}), "utf-8")
     bench = {"date": "2026-12-01T01:00:00+00:00", "repeats": 3, "dropped": 1, "total": 360.0, "total_range": [350.0, 372.0],
              "prepare": 4.0, "prepare_range": [4.0, 5.0], "evaluate": 72.0, "evaluate_range": [70.0, 75.0],
-             "evaluate_share": 0.2, "evaluate_share_range": [0.19, 0.21]}
+             "evaluate_share": 0.2, "evaluate_share_range": [0.19, 0.21],
+             "machine": {"cpu": "AMD EPYC", "cores": 2, "memory_gb": 23.5, "torch": "2.13.0+cpu"}}
     (root / "bench" / "results").mkdir(parents=True)
     (root / "bench" / "results" / "quick_start.json").write_text(json.dumps(bench), "utf-8")
     assert mr.main(["--root", str(root)]) == 0
     section = generated((root / "docs" / "guide.md").read_text(encoding="utf-8"), "quick_start")
-    assert ("`python bench/quick_start.py` 在空闲的机器上从头运行 3 次（2026 年 12 月 1 日），中位数（范围）："
+    assert ("`python bench/quick_start.py` 在空闲的机器上从头运行 3 次（AMD EPYC，2 核，内存 23.5 GB，torch 2.13.0+cpu，"
+            "2026 年 12 月 1 日），中位数（范围）："
             "总用时 6.0 分钟（5.8–6.2），第二步 数据 4 秒（4–5），第四步 评估 72 秒（70–75）；评估占总用时的 20.0%（19.0–21.0）。"
             in section)
     (root / "bench" / "results" / "quick_start.json").write_text(json.dumps({**bench, "repeats": 2}), "utf-8")

@@ -78,7 +78,7 @@ class TrainingConfig:
     group_by_length: bool = True  # batches of similar length waste less compute on padding
     supervised_logits: bool = True  # output layer only where a token is trained: same loss, less time
     fused_cross_entropy: bool = True  # loss from hidden states in chunks, never all logits at once (zhlora/loss.py)
-    fast_dropout: bool = False  # LoRA dropout masks from 64-bit random words: 3x cheaper masks on a CPU (training/dropout.py)
+    fast_dropout: bool = False  # LoRA dropout masks from 64-bit random words, on bf16 inputs (training/dropout.py)
     torch_compile: bool = False  # compile each decoder layer (inductor): pays on long runs of long rows (bench/README.md)
     allocator: str = "auto"  # auto | system | jemalloc: malloc of a CPU training process (zhlora/allocator.py)
     logging_steps: int = 5
