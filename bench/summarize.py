@@ -220,8 +220,9 @@ def markdown(summary: dict, suffix: str = "") -> str:
                           "s/step | peak RSS MB | runs | measured (UTC) |", "| --- " * 9 + "|", *rows]
     gen = load("generation" + suffix)
     if gen:
-        if gen["machine"].get("cpu") != m.get("cpu"):  # the VM's processor changed between the two benchmarks
-            lines += ["", f"Generation measured on {gen['machine'].get('cpu')}, {gen['date']}."]
+        where = (gen.get("machine") or {}).get("cpu")  # a result file from before machines were recorded has none
+        if where != m.get("cpu"):  # the VM's processor changed between the two benchmarks
+            lines += ["", f"Generation measured on {where}, {gen.get('date')}."]
         lines += ["", f"| generation, {gen['settings']['rows']} rows, {gen['settings']['dtype']} (median) | tokens/s | "
                       "range | x one by one | same text |", "| --- | --- | --- | --- | --- |"]
         for mode, f in gen["median"].items():
