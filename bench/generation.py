@@ -4,6 +4,7 @@
     python bench/generation.py                                   # the base model instead
     python bench/generation.py --max_samples 8 --repeats 1       # smoke run
     python bench/generation.py --run_dir outputs --profile       # + where refill's time goes (profile)
+    python bench/generation.py --run_dir outputs --dtype float32 # fp32 weights: generation_float32.json
 
 Modes, on the first --max_samples rows of the test split (file order, as
 `zhlora evaluate` reads them), each timed over all rows, median of --repeats:
@@ -13,12 +14,18 @@ Modes, on the first --max_samples rows of the test split (file order, as
                        by length, KV cache): a batch runs until its longest answer ends;
   batched_refill       zhlora/refill.py, --batch_size rows: a finished row leaves and the next
                        prompt joins (what evaluate, the demo's batch mode and the server's
-                       non-streamed requests run);
+                       non-streamed requests run); the head all prompts share (the system
+                       prompt) is prefilled once for each group of joining rows;
+  batched_refill_unshared   the same, each row prefilling its whole prompt (share_prefix=False);
   one_by_one_sampling  (--modes) the usual tutorial: apply_chat_template, then
                        model.generate(do_sample=True, temperature, top_p) per sample.
 tokens/s counts generated tokens (the stop token included); s/sample is the wall time
 divided by the rows. `same_text` is, for each batched mode, the fraction of rows whose text
-equals the one-by-one greedy text (batching must not change the answers).
+equals the one-by-one greedy text (batching must not change the answers). The weights are
+in the run's dtype, as `zhlora evaluate` loads them (bf16 after the quick start): a batch sums
+in another order than one row alone, and where an answer's two best tokens are within one bf16
+step (0.125 at a logit of 28) that can pick the other one; --dtype float32 is the reference
+where only a ~1e-5 tie could (generation_float32.json).
 """
 from __future__ import annotations
 
@@ -131,9 +138,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max_samples", type=int, default=64)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=32, help="batched modes (zhlora evaluate's default)")
-    parser.add_argument("--dtype", default="float32", choices=["run", "float32", "bfloat16"],
-                        help="weights while generating: run = as the run's model.dtype (the quick start: bfloat16)")
-    parser.add_argument("--modes", default="one_by_one_greedy,batched_padded,batched_refill")
+    parser.add_argument("--dtype", default="run", choices=["run", "float32", "bfloat16"],
+                        help="weights while generating: run = as the run's model.dtype, what `zhlora evaluate` "
+                             "uses (the quick start: bfloat16); another dtype writes generation_DTYPE.json")
+    parser.add_argument("--modes", default="one_by_one_greedy,batched_padded,batched_refill_unshared,batched_refill")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top_p", type=float, default=0.9)
@@ -157,6 +165,8 @@ def main(argv=None) -> int:
                                            batch_size=args.batch_size, refill=False),
         "batched_refill": lambda: generate(model, tokenizer, prompts, args.max_new_tokens,
                                            batch_size=args.batch_size, refill=True),
+        "batched_refill_unshared": lambda: generate(model, tokenizer, prompts, args.max_new_tokens,
+                                                    batch_size=args.batch_size, refill=True, share_prefix=False),
     }
     modes = {m: every[m] for m in args.modes.split(",")}
     runs: dict[str, list[dict]] = {m: [] for m in modes}
@@ -181,7 +191,8 @@ def main(argv=None) -> int:
               for m in median if "one_by_one_greedy" in median and m != "one_by_one_greedy"}
     one = median.get("one_by_one_greedy", {}).get("seconds")
     phases = profile(model, tokenizer, prompts, args, one) if args.profile else None
-    write_result(result_name("generation", args.device), {
+    name = "generation" + ("" if args.dtype == "run" else f"_{args.dtype}")  # fp32: the exactness reference
+    write_result(result_name(name, args.device), {
         "machine": machine(args.device),
         "settings": {"rows": len(rows), "test_file": Path(args.test_file).name, "max_new_tokens": args.max_new_tokens,
                      "batch_size": args.batch_size, "repeats": args.repeats,

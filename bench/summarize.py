@@ -20,6 +20,8 @@ Headline keys (each a number, or null when its benchmark has not run yet):
   llamafactory_default_peak_rss_mb         LLaMA-Factory's default (lf_default) there: the bar it must stay under
   speedup_batched               refilled batches / one prompt at a time, greedy tokens/s (generation.json)
   same_text_batched             share of rows whose refilled text equals the one-by-one text
+  speedup_batched_float32, same_text_batched_float32   the same with fp32 weights
+                                (generation_float32.json), where only a ~1e-5 tie can change a token
 with the machine and the date. GPU results (NAME_cuda.json) go under "cuda".
 """
 from __future__ import annotations
@@ -42,7 +44,7 @@ COMMANDS = ["python bench/train_throughput.py [--workload alpaca_zh_demo]",
             "bash bench/peer_llamafactory.sh [--workload alpaca_zh_demo]",
             "bash bench/side_by_side.sh [--workload alpaca_zh_demo]",
             "python bench/mfu.py [--workload alpaca_zh_demo] [--variant zhlora_compile] --from_throughput",
-            "python bench/generation.py --run_dir outputs --profile", "python bench/summarize.py"]
+            "python bench/generation.py --run_dir outputs --profile [--dtype float32]", "python bench/summarize.py"]
 
 
 def load(name: str) -> dict | None:
@@ -120,9 +122,10 @@ def headline(suffix: str = "") -> dict:
         out["peak_rss_mb_low_memory"] = train_a["median"]["zhlora_low_memory"]["peak_rss_mb"]
     out["llamafactory_default_peak_rss_mb"] = (peer_a["median"]["lf_default"]["peak_rss_mb"]
                                                if peer_a and "lf_default" in peer_a["median"] else None)
-    if gen:
-        out["speedup_batched"] = gen["speedup_batched"]
-        out["same_text_batched"] = gen["same_text"].get("batched_refill")
+    for key, result in (("", gen), ("_float32", load("generation_float32" + suffix))):
+        if result:
+            out["speedup_batched" + key] = result["speedup_batched"]
+            out["same_text_batched" + key] = result["same_text"].get("batched_refill")
     out["measured"] = {"mixed": measured(train, peer), "alpaca_zh_demo": measured(train_a, peer_a)}
     # ratios left out because their two sides were not measured side by side (not "not run")
     ran = {"speedup_vs_llamafactory": (train, peer), "speedup_vs_llamafactory_alpaca_zh_demo": (train_a, peer_a),
@@ -203,6 +206,22 @@ def training_rows(result: dict | None, rows_measured: dict) -> list[str]:
     return rows
 
 
+def generation_rows(gen: dict, m: dict) -> list[str]:
+    """The generation table of one result file (the run's dtype, or fp32), after a blank line."""
+    lines = []
+    where = (gen.get("machine") or {}).get("cpu")  # a result file from before machines were recorded has none
+    if where != m.get("cpu"):  # the VM's processor changed between the two benchmarks
+        lines += ["", f"Generation measured on {where}, {gen.get('date')}."]
+    lines += ["", f"| generation, {gen['settings']['rows']} rows, {gen['settings']['dtype']} (median) | tokens/s | "
+                  "range | x one by one | same text |", "| --- | --- | --- | --- | --- |"]
+    for mode, f in gen["median"].items():
+        ratio, same = gen["ratio_to_one_by_one_greedy"].get(mode), gen["same_text"].get(mode)
+        lines.append(f"| {mode} | {f['tokens_per_s']:.1f} | {f['tokens_per_s_range'][0]:.1f}-"
+                     f"{f['tokens_per_s_range'][1]:.1f} | {'-' if ratio is None else f'{ratio:.2f}x'} | "
+                     f"{'-' if same is None else f'{100 * same:.1f}%'} |")
+    return lines
+
+
 def markdown(summary: dict, suffix: str = "") -> str:
     m = summary["machine"] or {}
     where = m.get("gpu") or f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores"
@@ -218,18 +237,8 @@ def markdown(summary: dict, suffix: str = "") -> str:
         if rows:
             lines += ["", f"| training, {title} (median) | supervised tok/s | range | x LF best | total tok/s | "
                           "s/step | peak RSS MB | runs | measured (UTC) |", "| --- " * 9 + "|", *rows]
-    gen = load("generation" + suffix)
-    if gen:
-        where = (gen.get("machine") or {}).get("cpu")  # a result file from before machines were recorded has none
-        if where != m.get("cpu"):  # the VM's processor changed between the two benchmarks
-            lines += ["", f"Generation measured on {where}, {gen.get('date')}."]
-        lines += ["", f"| generation, {gen['settings']['rows']} rows, {gen['settings']['dtype']} (median) | tokens/s | "
-                      "range | x one by one | same text |", "| --- | --- | --- | --- | --- |"]
-        for mode, f in gen["median"].items():
-            ratio, same = gen["ratio_to_one_by_one_greedy"].get(mode), gen["same_text"].get(mode)
-            lines.append(f"| {mode} | {f['tokens_per_s']:.1f} | {f['tokens_per_s_range'][0]:.1f}-"
-                         f"{f['tokens_per_s_range'][1]:.1f} | {'-' if ratio is None else f'{ratio:.2f}x'} | "
-                         f"{'-' if same is None else f'{100 * same:.0f}%'} |")
+    for gen in (load("generation" + suffix), load("generation_float32" + suffix)):
+        lines += generation_rows(gen, m) if gen else []
     lines += ["", "Reproduce: " + "; ".join(f"`{c}`" for c in COMMANDS)]
     return "\n".join(lines)
 

@@ -80,7 +80,8 @@ BENCH_TARGETS = {
     "same_text_batched": ("补位批量与逐条贪心文本相同的比例", ">=", 1.0)}
 BENCH_COMMANDS = ["python bench/train_throughput.py", "bash bench/peer_llamafactory.sh", "bash bench/side_by_side.sh",
                   "python bench/mfu.py [--workload alpaca_zh_demo] [--variant zhlora_compile] --from_throughput",
-                  "python bench/generation.py --run_dir outputs --profile", "python bench/summarize.py"]
+                  "python bench/generation.py --run_dir outputs --profile [--dtype float32]",
+                  "python bench/summarize.py"]
 
 # 常见问题: each problem is two runs under runs/faq/ whose commands the guide shows (a test checks
 # that every folder below appears in a command of the guide). Figures come from their RUN_FILES.
@@ -506,18 +507,27 @@ def section_bench(root: Path, data: Path, link: str) -> str:
         rows = bench_training(folder, suffix, (summary.get("measured") or {}).get(workload, {}))
         if rows:
             lines += ["", f"训练，{title}，30 步 × batch 4，最长 512 token：", "", *rows]
-    gen = read_json(folder / "generation.json")
-    if isinstance(gen, dict):
-        rows = [[f"`{mode}`", fmt(f["tokens_per_s"], 1), fmt(gen["ratio_to_one_by_one_greedy"].get(mode), 2),
-                 "-" if mode not in gen["same_text"] else f"{100 * gen['same_text'][mode]:.0f}%"]
-                for mode, f in gen["median"].items()]
-        # the VM's processor can change between two benchmarks: then say where generation ran
-        other = (gen.get("machine") or {}).get("cpu") != (summary.get("machine") or {}).get("cpu")
-        where = f"（在 {machine_words(gen.get('machine'))} 上测得，{date_words(gen.get('date'))}）" if other else ""
-        lines += ["", f"生成，测试集前 {gen['settings']['rows']} 条，贪心，最多 {gen['settings']['max_new_tokens']} "
-                      f"个新 token，批大小 {gen['settings']['batch_size']}{where}：", "",
-                  *table(["方式", "token/s", "相对逐条", "与逐条文本相同"], rows)]
+    for gen in (read_json(folder / "generation.json"), read_json(folder / "generation_float32.json")):
+        if isinstance(gen, dict):
+            lines += bench_generation(gen, summary)
     return "\n".join(lines)
+
+
+def bench_generation(gen: dict, summary: dict) -> list[str]:
+    """The guide's table of one generation result (the run's dtype, or fp32), after a blank line."""
+    rows = [[f"`{mode}`", fmt(f["tokens_per_s"], 1), fmt(gen["ratio_to_one_by_one_greedy"].get(mode), 2),
+             "-" if mode not in gen["same_text"] else f"{100 * gen['same_text'][mode]:.1f}%"]
+            for mode, f in gen["median"].items()]
+    # the VM's processor can change between two benchmarks: then say where generation ran
+    other = (gen.get("machine") or {}).get("cpu") != (summary.get("machine") or {}).get("cpu")
+    where = f"（在 {machine_words(gen.get('machine'))} 上测得，{date_words(gen.get('date'))}）" if other else ""
+    bf16 = gen["settings"].get("dtype") == "torch.bfloat16"
+    why = ("bf16 权重下，一批行与单独一行的求和顺序不同；某一步最好的两个 token 的 logit 相差不到一个 bf16 精度单位"
+           "（logit 在 28 附近时是 0.125）时，就可能选到另一个，所以少数行的文本不同。fp32 权重下只有相差约 1e-5 "
+           "才会这样（`python bench/generation.py --run_dir outputs --dtype float32`）。") if bf16 and min(gen["same_text"].values(), default=1.0) < 1.0 else ""
+    return ["", f"生成，测试集前 {gen['settings']['rows']} 条，贪心，最多 {gen['settings']['max_new_tokens']} "
+                f"个新 token，批大小 {gen['settings']['batch_size']}，{'bf16' if bf16 else 'fp32'} 权重{where}：", "",
+            *table(["方式", "token/s", "相对逐条", "与逐条文本相同"], rows), *(["", why] if why else [])]
 
 
 QUICK_START_EXTRA = ("demo_heldout.jsonl", "quick_start_timing.json")

@@ -78,16 +78,22 @@ def _config_with_stops(model, tokenizer, prompts, max_new_tokens):
     return config
 
 
+SYSTEM = "你是一个乐于助人的中文助手，回答要简短准确。"
+
+
+@pytest.mark.parametrize("share_prefix", [0, 8])
 @pytest.mark.parametrize("batch_size", [1, 3, 4, 16])
-def test_refilled_batches_answer_as_one_prompt_at_a_time(penalised_model, batch_size):
-    from zhlora.refill import generate_refill
+def test_refilled_batches_answer_as_one_prompt_at_a_time(penalised_model, batch_size, share_prefix):
+    from zhlora.refill import generate_refill, shared_head
 
     model, tokenizer = penalised_model
-    prompts = [encode_prompt([{"role": "user", "content": q}], tokenizer) for q in LONGER]
+    prompts = [encode_prompt([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], tokenizer)
+               for q in LONGER]
+    assert shared_head(prompts, 8) >= 8  # the system prompt: joining groups share their head
     config = _config_with_stops(model, tokenizer, prompts, 12)
     expected = [_argmax_loop(model, p, config.eos_token_id, 12) for p in prompts]
     assert len({len(e) for e in expected}) >= 3  # rows end at different steps, so refilling happens mid-run
-    got = generate_refill(model, prompts, config, tokenizer.pad_token_id, batch_size)
+    got = generate_refill(model, prompts, config, tokenizer.pad_token_id, batch_size, share_prefix=share_prefix)
     assert [ids for ids, _, _ in got] == expected
     assert [finished for _, finished, _ in got] == [e[-1] in config.eos_token_id for e in expected]
     assert all(seconds > 0 for _, _, seconds in got)
@@ -119,3 +125,52 @@ def test_refill_sampling_repeats_with_its_seed_and_follows_temperature(penalised
     cold = generate(model, tokenizer, prompts, seed=7, temperature=1e-4, **kwargs)
     greedy = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
     assert [g.token_ids for g in cold] == [g.token_ids for g in greedy]
+
+
+def test_the_output_layer_gets_the_last_position_in_plain_strides(penalised_model):
+    """hidden_states[:, -1:] of a batch makes torch's linear copy a frozen output layer once per
+    row; load_model's pre-hook (zhlora/models.py) hands it a plain copy of the position instead."""
+    from zhlora.refill import left_padded
+
+    model, tokenizer = penalised_model
+    ids, mask = left_padded([encode_prompt([{"role": "user", "content": q}], tokenizer) for q in LONGER],
+                            tokenizer.pad_token_id)
+    head, seen = model.get_output_embeddings(), []
+    hook = head.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            kept = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+            every = model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        hook.remove()
+    rows, hidden = len(LONGER), seen[0].shape[-1]
+    assert seen[0].shape == (rows, 1, hidden) and seen[0].stride() == (hidden, hidden, 1)
+    torch.testing.assert_close(kept, every[:, -1:], rtol=1e-5, atol=1e-5)
+
+
+def test_shared_head_leaves_each_prompt_a_token_of_its_own():
+    from zhlora.refill import shared_head
+
+    assert shared_head([[1, 2, 3, 4], [1, 2, 3, 5]], 2) == 3
+    assert shared_head([[1, 2, 3], [1, 2, 3, 4]], 2) == 2  # the shorter prompt keeps its last token
+    assert shared_head([[1, 2, 3, 4], [1, 2, 3, 5]], 4) == 0  # under the minimum: not worth a call
+    assert shared_head([[1, 2, 3, 4], [1, 2, 3, 5]], 0) == 0  # 0 turns sharing off
+    assert shared_head([[1, 2, 3, 4]], 1) == 0  # one row alone has nothing to share
+
+
+def test_a_shared_head_is_prefilled_once_per_joining_group(penalised_model, monkeypatch):
+    from zhlora.refill import Refill, generate_refill
+
+    model, tokenizer = penalised_model
+    prompts = [encode_prompt([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], tokenizer)
+               for q in LONGER]
+    calls = []
+    original = Refill._head_cache
+
+    def counted(self, head, rows):
+        calls.append(rows)
+        return original(self, head, rows)
+
+    monkeypatch.setattr(Refill, "_head_cache", counted)
+    generate_refill(model, prompts, _config_with_stops(model, tokenizer, prompts, 12), tokenizer.pad_token_id, 4)
+    assert calls and calls[0] == 4 and sum(calls) <= len(prompts)  # one call per group, never per row

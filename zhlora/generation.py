@@ -130,19 +130,21 @@ def generation_config(model, tokenizer, max_new_tokens: int, do_sample: bool = F
 
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 128, batch_size: int = 32,
              do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
-             refill: bool = True) -> list[Generation]:
+             refill: bool = True, share_prefix: bool = True) -> list[Generation]:
     """Answers for many prompts (token ids), in the order given.
 
     refill=True (zhlora/refill.py): a finished row leaves the batch and the next prompt takes its
     place, so batch_size rows are answering at every step. refill=False: model.generate on
     fixed batches of batch_size, each running until its longest answer ends (the reference the
-    refilling path is tested and benchmarked against: bench/generation.py).
+    refilling path is tested and benchmarked against: bench/generation.py). share_prefix: refill
+    prefills the head the prompts share (the system prompt) once.
     """
     config = generation_config(model, tokenizer, max_new_tokens, do_sample, temperature, top_p)
     if refill:
-        from zhlora.refill import generate_refill
+        from zhlora.refill import SHARE_PREFIX, generate_refill
 
-        answers = generate_refill(model, prompts, config, tokenizer.pad_token_id, batch_size, seed)
+        answers = generate_refill(model, prompts, config, tokenizer.pad_token_id, batch_size, seed,
+                                  SHARE_PREFIX if share_prefix else 0)
     else:
         answers = _generate_padded(model, tokenizer, prompts, config, batch_size, seed)
     return [Generation(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, finished, seconds)

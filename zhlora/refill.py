@@ -18,6 +18,12 @@ prefilled on its own, left-padded the same way, and both caches are padded on th
 to the longer one before they are stacked. Positions (rotary) come from each row's own
 count of real tokens, never from the column, so padding shifts nothing.
 
+Prompts that begin alike (the chat template's system prompt: 24 of the ~65 tokens of a quick
+start test prompt) share that head: a joining group's common head is prefilled once, as one
+row, its cache copied to every row, and only each row's own part is prefilled after it (the
+padding then sits between the head and the row's own tokens; the mask hides it all the same).
+share_prefix=0 turns this off.
+
 The server (serving/engine.py) feeds requests in as they arrive (`more`), each with its
 own budget, and reads each row's tokens as they come (`on_token`); a row whose client
 left is cancelled (`cancelled`) and leaves at the next refill.
@@ -34,6 +40,9 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+
+
+SHARE_PREFIX = 8  # tokens: a shorter common head costs a model call for too little saved
 
 
 @dataclass
@@ -70,6 +79,15 @@ def left_padded(prompts: list[list[int]], pad_id: int):
     return ids, mask
 
 
+def shared_head(prompts: list[list[int]], minimum: int) -> int:
+    """How many leading tokens every prompt shares, each keeping at least one of its own (its last
+    token's logits choose its first answer token); 0 when under `minimum` or for a single prompt."""
+    from os.path import commonprefix
+
+    head = min(len(commonprefix(prompts)), min(len(p) for p in prompts) - 1)
+    return head if len(prompts) > 1 and minimum and head >= minimum else 0
+
+
 def _choose(logits, config, generator):
     """The next token of each row: argmax (greedy), or a draw after temperature and top_p."""
     import torch
@@ -90,8 +108,9 @@ class Refill:
     """
 
     def __init__(self, model, config, pad_id: int, batch_size: int, generator, more, on_token=None,
-                 cancelled=None, on_done=None):
+                 cancelled=None, on_done=None, share_prefix: int = SHARE_PREFIX):
         self.model, self.config, self.pad_id, self.batch_size = model, config, pad_id, batch_size
+        self.share_prefix = share_prefix  # the shortest common head worth its own prefill call (0: off)
         self.generator, self.more, self.on_token = generator, more, on_token
         self.cancelled, self.on_done = cancelled, on_done
         self.stop = set(config.eos_token_id)
@@ -143,11 +162,16 @@ class Refill:
         from transformers import DynamicCache
 
         began = time.perf_counter()
-        ids, mask = left_padded([prompt for _, prompt, _ in joining], self.pad_id)
+        prompts = [prompt for _, prompt, _ in joining]
+        head = shared_head(prompts, self.share_prefix)
+        cache = self._head_cache(prompts[0][:head], len(prompts)) if head else DynamicCache(config=self.model.config)
+        ids, mask = left_padded([prompt[head:] for prompt in prompts], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as model.generate makes them for left padding
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
+        mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, head), mask], dim=1)  # the head's columns
+        # as model.generate makes them for left padding, counting the head's tokens
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, head:]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
         rows = [_Row(key, len(prompt), budget) for key, prompt, budget in joining]
         tokens = _choose(out.logits[:, -1], self.config, self.generator)
         self._take(rows, tokens, began)
@@ -161,6 +185,17 @@ class Refill:
             for (k1, v1, _), (k2, v2, _) in zip(self.cache, out.past_key_values)])
         self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
         self.rows, self.next = self.rows + rows, torch.cat([self.next, tokens])
+
+    def _head_cache(self, head: list[int], rows: int):
+        """A cache holding the shared head, prefilled once and copied for each of `rows` rows."""
+        import torch
+        from transformers import DynamicCache
+
+        out = self.model(input_ids=torch.tensor([head], device=self.device),
+                         past_key_values=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
+        return DynamicCache(config=self.model.config, ddp_cache_data=[
+            (k.expand(rows, -1, -1, -1).contiguous(), v.expand(rows, -1, -1, -1).contiguous())
+            for k, v, _ in out.past_key_values])
 
     def _step(self) -> None:
         """One decoding step of every row in the batch (rows already done ride along until dropped)."""
@@ -195,7 +230,8 @@ class Refill:
         self.rows, self.next = [self.rows[i] for i in keep], self.next.index_select(0, index)
 
 
-def generate_refill(model, prompts: list[list[int]], config, pad_id: int, batch_size: int, seed: int = 0):
+def generate_refill(model, prompts: list[list[int]], config, pad_id: int, batch_size: int, seed: int = 0,
+                    share_prefix: int = SHARE_PREFIX):
     """(token_ids, finished, seconds) per prompt, in the order given; config is the
     GenerationConfig that zhlora.generation.generation_config makes."""
     import torch
@@ -207,6 +243,6 @@ def generate_refill(model, prompts: list[list[int]], config, pad_id: int, batch_
         return [(i, prompts[i], config.max_new_tokens) for i in taken]
 
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    rows = Refill(model, config, pad_id, batch_size, generator, more).run()
+    rows = Refill(model, config, pad_id, batch_size, generator, more, share_prefix=share_prefix).run()
     out = {row.key: (row.new, row.finished, row.seconds) for row in rows}
     return [out[i] for i in range(len(prompts))]
