@@ -126,10 +126,7 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - started, value
 
 
-def main(argv=None) -> int:
-    from zhlora.formatting import encode_prompt
-    from zhlora.generation import generate
-
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--run_dir", default="", help="a zhlora run folder (adapter) instead of the base model")
@@ -147,8 +144,45 @@ def main(argv=None) -> int:
     parser.add_argument("--top_p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="also time refill's phases and prefill alone (profile)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def timed_modes(modes: dict, repeats: int, rows: int) -> tuple[dict, dict]:
+    """({mode: [run figures]}, {mode: texts of its last run}), the modes interleaved in each repeat
+    so that a slow phase of the machine hits every mode."""
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    texts: dict[str, list[str]] = {}
+    for _ in range(repeats):
+        for mode, fn in modes.items():
+            seconds, out = timed(fn)
+            tokens = out if isinstance(out, int) else sum(len(g.token_ids) for g in out)
+            if not isinstance(out, int):
+                texts[mode] = [g.text for g in out]
+            runs[mode].append({"seconds": seconds, "new_tokens": tokens, "tokens_per_s": tokens / seconds,
+                               "seconds_per_sample": seconds / rows})
+            print(f"[bench] {mode}: {tokens / seconds:.1f} tokens/s, {seconds / rows:.2f} s/sample")
+    return runs, texts
+
+
+def compared(runs: dict, texts: dict, rows: int) -> tuple[dict, dict, dict]:
+    """(medians with their tokens/s range, same text share, ratio to one by one) of every mode."""
+    median = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
+    for m in median:
+        per_s = [r["tokens_per_s"] for r in runs[m]]
+        median[m]["tokens_per_s_range"] = [min(per_s), max(per_s)]
+    reference = texts.get("one_by_one_greedy")
+    same = {m: sum(a == b for a, b in zip(t, reference)) / rows
+            for m, t in texts.items() if reference and m != "one_by_one_greedy"}
+    ratios = {m: median[m]["tokens_per_s"] / median["one_by_one_greedy"]["tokens_per_s"]
+              for m in median if "one_by_one_greedy" in median and m != "one_by_one_greedy"}
+    return median, same, ratios
+
+
+def main(argv=None) -> int:
+    from zhlora.formatting import encode_prompt
+    from zhlora.generation import generate
+
+    args = parse_args(argv)
     rows = json.loads(Path(args.test_file).read_text(encoding="utf-8"))[:args.max_samples]
     model, tokenizer = load(args)
     if args.dtype != "run":
@@ -157,38 +191,16 @@ def main(argv=None) -> int:
     for refill in (False, True):  # warm-up: first calls pay allocation
         generate(model, tokenizer, prompts[:2], max_new_tokens=4, batch_size=2, refill=refill)
 
-    every = {
-        "one_by_one_sampling": lambda: tutorial_one_by_one(model, tokenizer, rows, args),
-        "one_by_one_greedy": lambda: generate(model, tokenizer, prompts, args.max_new_tokens, batch_size=1,
-                                              refill=False),
-        "batched_padded": lambda: generate(model, tokenizer, prompts, args.max_new_tokens,
-                                           batch_size=args.batch_size, refill=False),
-        "batched_refill": lambda: generate(model, tokenizer, prompts, args.max_new_tokens,
-                                           batch_size=args.batch_size, refill=True),
-        "batched_refill_unshared": lambda: generate(model, tokenizer, prompts, args.max_new_tokens,
-                                                    batch_size=args.batch_size, refill=True, share_prefix=False),
-    }
-    modes = {m: every[m] for m in args.modes.split(",")}
-    runs: dict[str, list[dict]] = {m: [] for m in modes}
-    texts: dict[str, list[str]] = {}
-    for _ in range(args.repeats):
-        for mode, fn in modes.items():  # interleaved, so a slow phase of the machine hits every mode
-            seconds, out = timed(fn)
-            tokens = out if isinstance(out, int) else sum(len(g.token_ids) for g in out)
-            if not isinstance(out, int):
-                texts[mode] = [g.text for g in out]
-            runs[mode].append({"seconds": seconds, "new_tokens": tokens, "tokens_per_s": tokens / seconds,
-                               "seconds_per_sample": seconds / len(rows)})
-            print(f"[bench] {mode}: {tokens / seconds:.1f} tokens/s, {seconds / len(rows):.2f} s/sample")
-    median = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
-    for m in median:
-        per_s = [r["tokens_per_s"] for r in runs[m]]
-        median[m]["tokens_per_s_range"] = [min(per_s), max(per_s)]
-    reference = texts.get("one_by_one_greedy")
-    same = {m: sum(a == b for a, b in zip(t, reference)) / len(rows)
-            for m, t in texts.items() if reference and m != "one_by_one_greedy"}
-    ratios = {m: median[m]["tokens_per_s"] / median["one_by_one_greedy"]["tokens_per_s"]
-              for m in median if "one_by_one_greedy" in median and m != "one_by_one_greedy"}
+    def batched(**how):
+        return lambda: generate(model, tokenizer, prompts, args.max_new_tokens, batch_size=args.batch_size, **how)
+
+    every = {"one_by_one_sampling": lambda: tutorial_one_by_one(model, tokenizer, rows, args),
+             "one_by_one_greedy": lambda: generate(model, tokenizer, prompts, args.max_new_tokens, batch_size=1,
+                                                   refill=False),
+             "batched_padded": batched(refill=False), "batched_refill": batched(refill=True),
+             "batched_refill_unshared": batched(refill=True, share_prefix=False)}
+    runs, texts = timed_modes({m: every[m] for m in args.modes.split(",")}, args.repeats, len(rows))
+    median, same, ratios = compared(runs, texts, len(rows))
     one = median.get("one_by_one_greedy", {}).get("seconds")
     phases = profile(model, tokenizer, prompts, args, one) if args.profile else None
     name = "generation" + ("" if args.dtype == "run" else f"_{args.dtype}")  # fp32: the exactness reference
