@@ -105,11 +105,11 @@ def paired(train: dict | None, variant: str | None, peer: dict | None, peer_vari
 def headline(suffix: str = "") -> dict:
     train, peer = load("train_throughput" + suffix), load("peer_llamafactory" + suffix)
     train_a, peer_a = load("train_throughput" + ALPACA + suffix), load("peer_llamafactory" + ALPACA + suffix)
-    gen = load("generation" + suffix)
+    gen, gen32 = load("generation" + suffix), load("generation_float32" + suffix)
     mfus = [(r, label) for r, label in ((load(name + suffix), label) for name, label in MFU_FILES.items()) if r]
     mfu, mfu_label = max(mfus, key=lambda pair: pair[0]["mfu"]) if mfus else (None, None)
     out = {k: None for k in TARGETS}
-    sources = [r for r in (train, peer, train_a, peer_a, gen, *(r for r, _ in mfus)) if r]
+    sources = [r for r in (train, peer, train_a, peer_a, gen, gen32, *(r for r, _ in mfus)) if r]
     out["mfu"] = mfu["mfu"] if mfu else None
     out["mfu_variant"] = mfu_label
     out["speedup_vs_llamafactory"] = over_peer(train, peer, best_of(train, peer))
@@ -122,7 +122,7 @@ def headline(suffix: str = "") -> dict:
         out["peak_rss_mb_low_memory"] = train_a["median"]["zhlora_low_memory"]["peak_rss_mb"]
     out["llamafactory_default_peak_rss_mb"] = (peer_a["median"]["lf_default"]["peak_rss_mb"]
                                                if peer_a and "lf_default" in peer_a["median"] else None)
-    for key, result in (("", gen), ("_float32", load("generation_float32" + suffix))):
+    for key, result in (("", gen), ("_float32", gen32)):
         if result:
             out["speedup_batched" + key] = result["speedup_batched"]
             out["same_text_batched" + key] = result["same_text"].get("batched_refill")
