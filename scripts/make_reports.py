@@ -522,9 +522,10 @@ def bench_generation(gen: dict, summary: dict) -> list[str]:
     other = (gen.get("machine") or {}).get("cpu") != (summary.get("machine") or {}).get("cpu")
     where = f"（在 {machine_words(gen.get('machine'))} 上测得，{date_words(gen.get('date'))}）" if other else ""
     bf16 = gen["settings"].get("dtype") == "torch.bfloat16"
+    differs = min(gen["same_text"].values(), default=1.0) < 1.0
     why = ("bf16 权重下，一批行与单独一行的求和顺序不同；某一步最好的两个 token 的 logit 相差不到一个 bf16 精度单位"
            "（logit 在 28 附近时是 0.125）时，就可能选到另一个，所以少数行的文本不同。fp32 权重下只有相差约 1e-5 "
-           "才会这样（`python bench/generation.py --run_dir outputs --dtype float32`）。") if bf16 and min(gen["same_text"].values(), default=1.0) < 1.0 else ""
+           "才会这样（`python bench/generation.py --run_dir outputs --dtype float32`）。") if bf16 and differs else ""
     return ["", f"生成，测试集前 {gen['settings']['rows']} 条，贪心，最多 {gen['settings']['max_new_tokens']} "
                 f"个新 token，批大小 {gen['settings']['batch_size']}，{'bf16' if bf16 else 'fp32'} 权重{where}：", "",
             *table(["方式", "token/s", "相对逐条", "与逐条文本相同"], rows), *(["", why] if why else [])]
