@@ -89,7 +89,8 @@ def main(argv=None) -> int:
         print(f"[bench] others took {others} of the CPU: timings dropped, run again on an idle machine")
         return 1
     rows = {name: {"ms": statistics.median(t) * 1e3, "gflops": flops[name] / statistics.median(t) / 1e9,
-                   "gflops_range": [flops[name] / max(t) / 1e9, flops[name] / min(t) / 1e9]} for name, t in times.items()}
+                   "gflops_range": [flops[name] / max(t) / 1e9, flops[name] / min(t) / 1e9]}
+            for name, t in times.items()}
     for name, row in rows.items():
         lo, hi = row["gflops_range"]
         print(f"[bench] {name:>24}: {row['ms']:7.1f} ms, {row['gflops']:6.1f} GFLOP/s ({lo:.1f}-{hi:.1f})")
