@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import machine, write_result
+from common import machine, others_share_if_idle, write_result
 
 
 def causal_math(q, k, v):
@@ -59,7 +59,7 @@ def matmul_seconds(gen) -> float:
 
 
 def main(argv=None) -> int:
-    from zhlora.cpu_share import CpuShare, is_shared
+    from zhlora.cpu_share import CpuShare
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="256,512")
@@ -84,9 +84,8 @@ def main(argv=None) -> int:
             times["matmul"].append(matmul_seconds(gen))
             for name, (fn, dtype) in ways.items():
                 times[f"{name}_{length}"].append(one_step(fn, dtype, shape, gen))
-    others = share.others()
-    if is_shared(others):  # a contended timing is dropped, never printed
-        print(f"[bench] others took {others} of the CPU: timings dropped, run again on an idle machine")
+    others = others_share_if_idle(share)
+    if others is None:
         return 1
     rows = {name: {"ms": statistics.median(t) * 1e3, "gflops": flops[name] / statistics.median(t) / 1e9,
                    "gflops_range": [flops[name] / max(t) / 1e9, flops[name] / min(t) / 1e9]}

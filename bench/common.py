@@ -252,6 +252,18 @@ def earlier_runs(name: str, data_file: str, settings: dict, runs: dict, here: di
             if recorded.get(v) == meaning.get(v) and (append or v not in runs)}
 
 
+def others_share_if_idle(share) -> float | None:
+    """What other programs took of the CPU since `share` (a zhlora.cpu_share.CpuShare) began, or
+    None, said on stdout, when it was too much: a contended timing is dropped, never printed."""
+    from zhlora.cpu_share import is_shared
+
+    others = share.others()
+    if is_shared(others):
+        print(f"[bench] others took {others} of the CPU: timings dropped, run again on an idle machine")
+        return None
+    return others
+
+
 def idle_runs(runs: list[dict]) -> list[dict]:
     """The runs during which other programs took at most cpu_share.SHARED_ABOVE of the CPU; a run
     with no reading (measured before it was recorded, or no /proc/stat) counts."""

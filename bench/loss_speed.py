@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import machine, write_result
+from common import machine, others_share_if_idle, write_result
 
 
 def one_step(fn, hidden, weight, targets) -> float:
@@ -32,7 +32,7 @@ def one_step(fn, hidden, weight, targets) -> float:
 
 
 def main(argv=None) -> int:
-    from zhlora.cpu_share import CpuShare, is_shared
+    from zhlora.cpu_share import CpuShare
     from zhlora.loss import LOSS_CHUNK, linear_cross_entropy
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,9 +57,8 @@ def main(argv=None) -> int:
     for _ in range(args.repeats):
         for name, fn in paths.items():
             times[name].append(one_step(fn, hidden, weight, targets))
-    others = share.others()
-    if is_shared(others):  # a contended timing is dropped, never printed
-        print(f"[bench] others took {others} of the CPU: timings dropped, run again on an idle machine")
+    others = others_share_if_idle(share)
+    if others is None:
         return 1
     rows = {name: {"ms": statistics.median(t) * 1e3, "range_ms": [min(t) * 1e3, max(t) * 1e3]}
             for name, t in times.items()}

@@ -83,3 +83,19 @@ def test_generation_measured_on_another_processor_says_where(monkeypatch):
     assert "Generation measured on Intel Xeon, 2026-12-01T02:51:33+00:00." in summarize.markdown(summary)
     summary["machine"]["cpu"] = "Intel Xeon"
     assert "Generation measured on" not in summarize.markdown(summary)
+
+
+def test_a_contended_timing_is_dropped_not_printed(capsys):
+    from common import others_share_if_idle
+    from zhlora.cpu_share import SHARED_ABOVE
+
+    class Share:
+        def __init__(self, value):
+            self.value = value
+
+        def others(self):
+            return self.value
+
+    assert others_share_if_idle(Share(0.0)) == 0.0
+    assert others_share_if_idle(Share(SHARED_ABOVE * 2)) is None
+    assert "timings dropped" in capsys.readouterr().out
