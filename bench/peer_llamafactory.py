@@ -152,6 +152,44 @@ def write_peer_result(args, venv: Path, data_file: Path, counts: dict, runs: dic
     write_result(result_file, result)
 
 
+def tokenize_once(args, venv: Path, model: str) -> dict:
+    """Tokenise the subset once into tokenized_path (one training step, not timed: 0.9.5 trains on
+    after saving) and count its tokens; later runs load the saved set, so all train the same tokens."""
+    for stale in (LF / "tokenized", WORK / "runs" / "lf-tokenize"):
+        shutil.rmtree(stale, ignore_errors=True)
+    write_yaml(LF / "tokenize.yaml", {**base_config(args, model, WORK / "runs" / "lf-tokenize"), "max_steps": 1})
+    run_measured([cli(venv), "train", str(LF / "tokenize.yaml")], WORK / "logs" / "lf-tokenize.log",
+                 env=cpu_only(args.device))
+    if not (LF / "tokenized").is_dir():
+        raise SystemExit(f"[bench] LLaMA-Factory wrote no {LF / 'tokenized'}: see bench/.work/logs/lf-tokenize.log")
+    out = subprocess.run([lf_python(venv), __file__, "--count_tokenized", str(LF / "tokenized")],
+                         capture_output=True, text=True, check=True, cwd=REPO)
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"[bench] LLaMA-Factory tokenised: {counts}")
+    return counts
+
+
+def run_variant(args, venv: Path, model: str, variant: str, repeat: int, counts: dict) -> dict:
+    """Train one variant once, timed; its figures (supervised tok/s, s/step, peak RSS, loss, date)."""
+    name = f"{variant}-{args.workload}-{args.device}-{repeat}"
+    output_dir = WORK / "runs" / name
+    shutil.rmtree(output_dir, ignore_errors=True)
+    write_yaml(LF / f"{name}.yaml", {**base_config(args, model, output_dir), **VARIANTS[variant]})
+    measured = run_measured([cli(venv), "train", str(LF / f"{name}.yaml")], WORK / "logs" / f"{name}.log",
+                            env=cpu_only(args.device))
+    metrics = json.loads((output_dir / "train_results.json").read_text())
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    run = {**measured, "train_seconds": metrics["train_runtime"], "steps": state["global_step"]}
+    fig = figures(run, counts["supervised"], counts["tokens"])
+    fig["final_loss"] = metrics.get("train_loss")
+    fig["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if measured.get("cpu_others_share") is not None:  # zhlora/cpu_share.py: others' share of the CPU
+        fig["cpu_others_share"] = measured["cpu_others_share"]
+    print(f"[bench] {name}: {fig['supervised_tokens_per_s']:.1f} supervised tok/s, "
+          f"{fig['seconds_per_step']:.2f} s/step, peak RSS {fig['peak_rss_mb']:.0f} MB")
+    return fig
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
@@ -177,46 +215,12 @@ def main(argv=None) -> int:
     (LF / "dataset_info.json").write_text(json.dumps({"zhlora_bench": {
         "file_name": "train.json", "formatting": "alpaca",
         "columns": {"prompt": "instruction", "query": "input", "response": "output"}}}, indent=2))
-
-    # 1. tokenise once into tokenized_path (one training step, not timed: 0.9.5 trains on after
-    #    saving), then count its tokens; later runs load the saved set, so all train the same tokens
-    for stale in (LF / "tokenized", WORK / "runs" / "lf-tokenize"):
-        shutil.rmtree(stale, ignore_errors=True)
-    write_yaml(LF / "tokenize.yaml", {**base_config(args, model, WORK / "runs" / "lf-tokenize"), "max_steps": 1})
-    run_measured([cli(venv), "train", str(LF / "tokenize.yaml")], WORK / "logs" / "lf-tokenize.log",
-                 env=cpu_only(args.device))
-    if not (LF / "tokenized").is_dir():
-        raise SystemExit(f"[bench] LLaMA-Factory wrote no {LF / 'tokenized'}: see bench/.work/logs/lf-tokenize.log")
-    out = subprocess.run([lf_python(venv), __file__, "--count_tokenized", str(LF / "tokenized")],
-                         capture_output=True, text=True, check=True, cwd=REPO)
-    counts = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"[bench] LLaMA-Factory tokenised: {counts}")
-
-    # 2. the variants, repeats interleaved
+    counts = tokenize_once(args, venv, model)
     plan = parse_variants(args.variants, args.repeats, list(VARIANTS))
-    variants = list(plan)
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
-    for repeat in range(max(plan.values())):
-        for variant in [v for v in variants if repeat < plan[v]]:
-            name = f"{variant}-{args.workload}-{args.device}-{repeat}"
-            output_dir = WORK / "runs" / name
-            shutil.rmtree(output_dir, ignore_errors=True)
-            config = {**base_config(args, model, output_dir), **VARIANTS[variant]}
-            write_yaml(LF / f"{name}.yaml", config)
-            measured = run_measured([cli(venv), "train", str(LF / f"{name}.yaml")], WORK / "logs" / f"{name}.log",
-                                    env=cpu_only(args.device))
-            metrics = json.loads((output_dir / "train_results.json").read_text())
-            state = json.loads((output_dir / "trainer_state.json").read_text())
-            run = {**measured, "train_seconds": metrics["train_runtime"], "steps": state["global_step"]}
-            fig = figures(run, counts["supervised"], counts["tokens"])
-            fig["final_loss"] = metrics.get("train_loss")
-            fig["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            if measured.get("cpu_others_share") is not None:  # zhlora/cpu_share.py: others' share of the CPU
-                fig["cpu_others_share"] = measured["cpu_others_share"]
-            runs[variant].append(fig)
-            print(f"[bench] {name}: {fig['supervised_tokens_per_s']:.1f} supervised tok/s, "
-                  f"{fig['seconds_per_step']:.2f} s/step, peak RSS {fig['peak_rss_mb']:.0f} MB")
-
+    runs: dict[str, list[dict]] = {v: [] for v in plan}
+    for repeat in range(max(plan.values())):  # repeats interleaved: a slow phase hits every variant
+        for variant in [v for v in plan if repeat < plan[v]]:
+            runs[variant].append(run_variant(args, venv, model, variant, repeat, counts))
     write_peer_result(args, venv, data_file, counts, runs)
     return 0
 
