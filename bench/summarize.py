@@ -102,11 +102,24 @@ def paired(train: dict | None, variant: str | None, peer: dict | None, peer_vari
     return {"x": statistics.median(ratios), "range": [min(ratios), max(ratios)], "pairs": len(ratios)}
 
 
-def headline(suffix: str = "") -> dict:
-    train, peer = load("train_throughput" + suffix), load("peer_llamafactory" + suffix)
-    train_a, peer_a = load("train_throughput" + ALPACA + suffix), load("peer_llamafactory" + ALPACA + suffix)
-    gen, gen32 = load("generation" + suffix), load("generation_float32" + suffix)
-    mfus = [(r, label) for r, label in ((load(name + suffix), label) for name, label in MFU_FILES.items()) if r]
+# the result files the summary reads: {key: file name without the device suffix}
+RESULT_FILES = {"train": "train_throughput", "peer": "peer_llamafactory", "train_a": "train_throughput" + ALPACA,
+                "peer_a": "peer_llamafactory" + ALPACA, "gen": "generation", "gen32": "generation_float32"}
+
+
+def load_results(suffix: str = "") -> dict:
+    """Every result file the summary and its table read, loaded once: {key of RESULT_FILES: result
+    or None, "mfus": [(result, MFU_FILES label)] of the MFU files there are}."""
+    results = {key: load(name + suffix) for key, name in RESULT_FILES.items()}
+    results["mfus"] = [(r, label) for r, label in ((load(name + suffix), label) for name, label in MFU_FILES.items())
+                       if r]
+    return results
+
+
+def headline(results: dict) -> dict:
+    """summary.json's figures from load_results' files."""
+    train, peer, train_a, peer_a, gen, gen32 = (results[key] for key in RESULT_FILES)
+    mfus = results["mfus"]
     mfu, mfu_label = max(mfus, key=lambda pair: pair[0]["mfu"]) if mfus else (None, None)
     out = {k: None for k in TARGETS}
     sources = [r for r in (train, peer, train_a, peer_a, gen, gen32, *(r for r, _ in mfus)) if r]
@@ -222,7 +235,8 @@ def generation_rows(gen: dict, m: dict) -> list[str]:
     return lines
 
 
-def markdown(summary: dict, suffix: str = "") -> str:
+def markdown(summary: dict, results: dict) -> str:
+    """The README's table: the headline figures against their targets, then one table per result file."""
     m = summary["machine"] or {}
     where = m.get("gpu") or f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores"
     lines = [f"Machine: {where}, torch {m.get('torch', '?')}; date {summary['date']}.", "",
@@ -230,14 +244,14 @@ def markdown(summary: dict, suffix: str = "") -> str:
     for key in TARGETS:
         value = summary[key]
         lines.append(f"| {key} | {shown(key, value)} | {goal(key, summary)} | {met(key, value, summary)} |")
-    for title, name, workload in (("mixed workload", "", "mixed"),
-                                  ("alpaca_zh_demo workload", ALPACA, "alpaca_zh_demo")):
-        peer, when = load("peer_llamafactory" + name + suffix), summary["measured"][workload]
-        rows = training_rows(load("train_throughput" + name + suffix), when) + training_rows(peer, when)
+    for title, ours, peer, workload in (("mixed workload", "train", "peer", "mixed"),
+                                        ("alpaca_zh_demo workload", "train_a", "peer_a", "alpaca_zh_demo")):
+        when = summary["measured"][workload]
+        rows = training_rows(results[ours], when) + training_rows(results[peer], when)
         if rows:
             lines += ["", f"| training, {title} (median) | supervised tok/s | range | x LF best | total tok/s | "
                           "s/step | peak RSS MB | runs | measured (UTC) |", "| --- " * 9 + "|", *rows]
-    for gen in (load("generation" + suffix), load("generation_float32" + suffix)):
+    for gen in (results["gen"], results["gen32"]):
         lines += generation_rows(gen, m) if gen else []
     lines += ["", "Reproduce: " + "; ".join(f"`{c}`" for c in COMMANDS)]
     return "\n".join(lines)
@@ -256,14 +270,15 @@ def write_readme(table: str) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    summary = headline()
-    cuda = headline("_cuda")
+    results, cuda_results = load_results(), load_results("_cuda")
+    summary, cuda = headline(results), headline(cuda_results)
     if cuda["sources"]:
         summary["cuda"] = cuda
     summary["summarized"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    table = markdown(summary) + (f"\n\nGPU (--device cuda):\n\n{markdown(cuda, '_cuda')}" if cuda["sources"] else "")
+    table = markdown(summary, results) + (f"\n\nGPU (--device cuda):\n\n{markdown(cuda, cuda_results)}"
+                                          if cuda["sources"] else "")
     print(table)
     if "--readme" in argv:
         write_readme(table)

@@ -78,11 +78,12 @@ def test_generation_measured_on_another_processor_says_where(monkeypatch):
            "median": {"one_by_one_greedy": {"tokens_per_s": 20.0, "tokens_per_s_range": [19.0, 21.0]}},
            "ratio_to_one_by_one_greedy": {}, "same_text": {}}
     monkeypatch.setattr(summarize, "load", lambda name: gen if name == "generation" else None)
+    results = summarize.load_results()
     summary = {**{key: None for key in summarize.TARGETS}, "machine": {"cpu": "AMD EPYC", "cores": 2},
                "date": "2026-12-06T12:32:00+00:00", "measured": {"mixed": {}, "alpaca_zh_demo": {}}}
-    assert "Generation measured on Intel Xeon, 2026-12-01T02:51:33+00:00." in summarize.markdown(summary)
+    assert "Generation measured on Intel Xeon, 2026-12-01T02:51:33+00:00." in summarize.markdown(summary, results)
     summary["machine"]["cpu"] = "Intel Xeon"
-    assert "Generation measured on" not in summarize.markdown(summary)
+    assert "Generation measured on" not in summarize.markdown(summary, results)
 
 
 def test_a_contended_timing_is_dropped_not_printed(capsys):
