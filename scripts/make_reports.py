@@ -42,7 +42,7 @@ from zhlora.files import write_atomic
 
 from report_sections.advanced import EXPORT_FILES, section_distill, section_export, section_task_adapters
 from report_sections.bench import section_bench
-from report_sections.common import GUIDE, NOTE, REPO, REPORT, RUN_FILES, SNAPSHOT
+from report_sections.common import GUIDE, NOTE, REPORT, RUN_FILES, SNAPSHOT
 from report_sections.experiments import section_experiments, section_tuning
 from report_sections.lora_vs_full import claims, section_lora_code, section_lora_vs_full, section_params
 from report_sections.runs import (FAQ, FAQ_TIMED, FAQ_TIMING_POINTS, MAIN_PATH_TIMING, QUICK_START_EXTRA,
@@ -50,6 +50,7 @@ from report_sections.runs import (FAQ, FAQ_TIMED, FAQ_TIMING_POINTS, MAIN_PATH_T
 
 __all__ = ["FAQ", "FAQ_TIMED", "FAQ_TIMING_POINTS", "claims", "main", "section_tuning"]  # read by the tests
 
+REPO = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"(<!-- BEGIN GENERATED: ([\w-]+) -->\n)(.*?)(<!-- END GENERATED: \2 -->)", re.S)
 
 

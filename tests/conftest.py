@@ -129,7 +129,7 @@ REPO = Path(__file__).resolve().parents[1]
 def load_make_reports():
     """scripts/make_reports.py as a module (one copy per session: its parameter counts are cached)."""
     if "make_reports" not in sys.modules:
-        sys.path.insert(0, str(REPO / "scripts"))  # its sections: scripts/report_sections/
+        sys.path.append(str(REPO / "scripts"))  # its sections: scripts/report_sections/
         spec = importlib.util.spec_from_file_location("make_reports", REPO / "scripts" / "make_reports.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules["make_reports"] = module

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from zhlora.metrics import LABELS
 
-REPO = Path(__file__).resolve().parents[2]
 GUIDE, REPORT, SNAPSHOT = Path("docs/guide.md"), Path("docs/results/performance.md"), Path("docs/results/data")
 RUN_FILES = ("config.yaml", "train_summary.json", "evaluation_results.json", "training_history.jsonl")
 NOTE = "<!-- 本节由 scripts/make_reports.py 生成，请勿手改；改数据后重新运行它 -->"
