@@ -123,7 +123,6 @@ def collect(root: Path) -> list[str]:
     return copied
 
 
-
 SECTIONS = {"default_run": section_default_run, "learning_curves": section_learning_curves,
             "lora_code": section_lora_code, "task_adapters": section_task_adapters, "distill": section_distill,
             "params": section_params, "lora_vs_full": section_lora_vs_full, "bench": section_bench,
