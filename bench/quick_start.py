@@ -1,7 +1,7 @@
 """The quick start end to end, several times: its time per stage as the median of the runs that had
 the CPU alone, and evaluation's share of the whole (the speed issue asks for at most a quarter).
 
-    python bench/quick_start.py                  # 3 runs, ~18 min on 2 CPU cores -> bench/results/quick_start.json
+    python bench/quick_start.py                  # 3 runs, ~21 min on 2 CPU cores -> bench/results/quick_start.json
     python bench/quick_start.py --repeats 1      # one run
 
 Each run is `python quick_start.py` from scratch in its own folder, bench/.work/quick_start/runN/
