@@ -110,6 +110,23 @@ def test_refill_and_fixed_batches_give_the_same_text(penalised_model):
     assert [g.token_ids for g in refilled] == [g.token_ids for g in fixed]
 
 
+def test_refill_passes_the_cache_by_its_current_name(penalised_model, caplog):
+    """transformers 5.24 renamed `past_key_values` to `cache` and removes the old name in 5.40,
+    which requirements.txt still allows: refill must not lean on the deprecated alias."""
+    import logging
+    import warnings
+
+    from zhlora.generation import generate
+
+    model, tokenizer = penalised_model
+    prompts = [encode_prompt([{"role": "user", "content": q}], tokenizer) for q in LONGER]
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        generate(model, tokenizer, prompts, max_new_tokens=4, batch_size=2)
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [line for line in said if "past_key_values" in line]
+
+
 def test_refill_sampling_repeats_with_its_seed_and_follows_temperature(penalised_model):
     from zhlora.generation import generate
 

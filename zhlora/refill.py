@@ -170,19 +170,19 @@ class Refill:
         mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, head), mask], dim=1)  # the head's columns
         # as model.generate makes them for left padding, counting the head's tokens
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, head:]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                          use_cache=True, logits_to_keep=1)
         rows = [_Row(key, len(prompt), budget) for key, prompt, budget in joining]
         tokens = _choose(out.logits[:, -1], self.config, self.generator)
         self._take(rows, tokens, began)
         if self.cache is None:
-            self.rows, self.cache, self.mask, self.next = rows, out.past_key_values, mask, tokens
+            self.rows, self.cache, self.mask, self.next = rows, out.cache, mask, tokens
             return
         width = max(self.mask.shape[1], mask.shape[1])
         self.cache = DynamicCache(config=self.model.config, ddp_cache_data=[
             (torch.cat([_left_pad(k1, width), _left_pad(k2, width)]),
              torch.cat([_left_pad(v1, width), _left_pad(v2, width)]))
-            for (k1, v1, _), (k2, v2, _) in zip(self.cache, out.past_key_values)])
+            for (k1, v1, _), (k2, v2, _) in zip(self.cache, out.cache)])
         self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
         self.rows, self.next = self.rows + rows, torch.cat([self.next, tokens])
 
@@ -192,10 +192,10 @@ class Refill:
         from transformers import DynamicCache
 
         out = self.model(input_ids=torch.tensor([head], device=self.device),
-                         past_key_values=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
+                         cache=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
         return DynamicCache(config=self.model.config, ddp_cache_data=[
             (k.expand(rows, -1, -1, -1).contiguous(), v.expand(rows, -1, -1, -1).contiguous())
-            for k, v, _ in out.past_key_values])
+            for k, v, _ in out.cache])
 
     def _step(self) -> None:
         """One decoding step of every row in the batch (rows already done ride along until dropped)."""
@@ -205,8 +205,8 @@ class Refill:
         mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         positions = torch.tensor([[row.length] for row in self.rows], device=mask.device)
         out = self.model(input_ids=self.next[:, None], attention_mask=mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.cache, self.mask = out.past_key_values, mask
+                         cache=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache, self.mask = out.cache, mask
         for row in self.rows:
             row.length += 1
         self.next = _choose(out.logits[:, -1], self.config, self.generator)
