@@ -309,6 +309,32 @@ def test_torch_compile_gives_the_same_losses_and_a_plain_peft_adapter(tiny_model
     assert len(decoder_layers(AutoModelForCausalLM.from_pretrained(tiny_model_dir))) >= 2
 
 
+def test_gradient_checkpointing_recomputes_layers_and_keeps_the_losses(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                       monkeypatch):
+    """training.gradient_checkpointing (the low-memory setting) reaches every decoder layer, and
+    recomputing a layer in the backward pass replays its dropout masks: same losses as without."""
+    import transformers.modeling_utils as modeling_utils
+
+    calls = []
+    plain = modeling_utils.checkpoint
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", counted)
+    losses = {}
+    for checkpointed in (False, True):
+        out = tmp_path / f"checkpointed_{checkpointed}"
+        run(tiny_model_dir, tiny_data_dir, out, "training.max_steps=3", "lora.lora_dropout=0.3",
+            f"training.gradient_checkpointing={str(checkpointed).lower()}")
+        losses[checkpointed] = [row["loss"] for row in history(out) if "loss" in row]
+        if not checkpointed:
+            assert calls == []
+    assert calls and set(calls) == {False}  # non-reentrant, once per layer and step
+    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-5), losses
+
+
 def test_fast_dropout_draws_other_masks_than_nn_dropout(tiny_model_dir, tiny_data_dir, tmp_path):
     """The switch reaches the training model: same seed, other masks, so other losses from the
     second step on (lora_B starts at 0, so the first step's loss does not see the masks; its

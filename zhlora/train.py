@@ -237,7 +237,7 @@ def load_for_training(cfg: Config, acc):
     full_fp32 = cfg.training.method == "full" and cfg.model.dtype == "auto"
     model, tokenizer = load_model(replace(cfg.model, dtype="float32") if full_fp32 else cfg.model, acc.device)
     if cfg.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg)
     if cfg.training.fast_dropout:
         use_word_mask_dropout(model)
