@@ -1,7 +1,7 @@
 """Generation: one prompt at a time vs fixed batches vs refilled batches, greedy, same rows.
 
     python bench/generation.py --run_dir outputs                 # the quick start's adapter, 64 test rows, 3 repeats
-    python bench/generation.py                                   # the base model instead
+    python bench/generation.py --dtype bfloat16                  # the base model instead: generation_base_bfloat16.json
     python bench/generation.py --max_samples 8 --repeats 1       # smoke run
     python bench/generation.py --run_dir outputs --profile       # + where refill's time goes (profile)
     python bench/generation.py --run_dir outputs --dtype float32 # fp32 weights: generation_float32.json
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from common import DEFAULT_MODEL, REPO, machine, model_folder, result_name, write_result
+from common import DEFAULT_MODEL, REPO, machine, model_folder, others_share_if_idle, result_name, write_result
 
 
 def load(args):
@@ -179,6 +179,7 @@ def compared(runs: dict, texts: dict, rows: int) -> tuple[dict, dict, dict]:
 
 
 def main(argv=None) -> int:
+    from zhlora.cpu_share import CpuShare
     from zhlora.formatting import encode_prompt
     from zhlora.generation import generate
 
@@ -199,18 +200,23 @@ def main(argv=None) -> int:
                                                    refill=False),
              "batched_padded": batched(refill=False), "batched_refill": batched(refill=True),
              "batched_refill_unshared": batched(refill=True, share_prefix=False)}
+    share = CpuShare()
     runs, texts = timed_modes({m: every[m] for m in args.modes.split(",")}, args.repeats, len(rows))
     median, same, ratios = compared(runs, texts, len(rows))
     one = median.get("one_by_one_greedy", {}).get("seconds")
     phases = profile(model, tokenizer, prompts, args, one) if args.profile else None
-    name = "generation" + ("" if args.dtype == "run" else f"_{args.dtype}")  # fp32: the exactness reference
+    others = others_share_if_idle(share)  # over the timed repeats and the profile
+    if others is None:
+        return 1
+    # fp32: the exactness reference; the base model's answers (no adapter) run long, where batching pays most
+    name = "generation" + ("" if args.run_dir else "_base") + ("" if args.dtype == "run" else f"_{args.dtype}")
     write_result(result_name(name, args.device), {
         "machine": machine(args.device),
         "settings": {"rows": len(rows), "test_file": Path(args.test_file).name, "max_new_tokens": args.max_new_tokens,
                      "batch_size": args.batch_size, "repeats": args.repeats,
                      "dtype": str(next(model.parameters()).dtype), "model": args.run_dir or args.model,
                      "sampling": {"temperature": args.temperature, "top_p": args.top_p}},
-        "median": median, "ratio_to_one_by_one_greedy": ratios,
+        "cpu_others_share": others, "median": median, "ratio_to_one_by_one_greedy": ratios,
         "speedup_batched": ratios.get("batched_refill"), "same_text": same, "profile": phases, "runs": runs})
     return 0
 

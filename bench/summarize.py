@@ -22,6 +22,9 @@ Headline keys (each a number, or null when its benchmark has not run yet):
   same_text_batched             share of rows whose refilled text equals the one-by-one text
   speedup_batched_float32, same_text_batched_float32   the same with fp32 weights
                                 (generation_float32.json), where only a ~1e-5 tie can change a token
+  speedup_batched_base_model[_float32], same_text_batched_base_model[_float32]   the same rows answered
+                                by the base model (generation_base_bfloat16.json, generation_base_float32.json):
+                                its answers run to the token limit, where batching pays most (no target)
 with the machine and the date. GPU results (NAME_cuda.json) go under "cuda".
 """
 from __future__ import annotations
@@ -44,7 +47,8 @@ COMMANDS = ["python bench/train_throughput.py [--workload alpaca_zh_demo]",
             "bash bench/peer_llamafactory.sh [--workload alpaca_zh_demo]",
             "bash bench/side_by_side.sh [--workload alpaca_zh_demo]",
             "python bench/mfu.py [--workload alpaca_zh_demo] [--variant zhlora_compile] --from_throughput",
-            "python bench/generation.py --run_dir outputs --profile [--dtype float32]", "python bench/summarize.py"]
+            "python bench/generation.py --run_dir outputs --profile [--dtype float32]",
+            "python bench/generation.py --dtype {float32,bfloat16} --profile", "python bench/summarize.py"]
 
 
 def load(name: str) -> dict | None:
@@ -73,7 +77,8 @@ def best_of(train: dict | None, peer: dict | None, variants=FASTEST) -> str | No
     return max(ranked, key=lambda v: ratios[v]["x"]) if ranked else None
 
 
-def over_peer(train: dict | None, peer: dict | None, variant: str | None, peer_variant: str | None = None) -> float | None:
+def over_peer(train: dict | None, peer: dict | None, variant: str | None,
+              peer_variant: str | None = None) -> float | None:
     """zhlora variant / LLaMA-Factory's variant (default: its best), supervised tokens/s: the median
     of the paired ratios (see paired), None when either is missing or no run of one was made near a
     run of the other."""
@@ -104,7 +109,8 @@ def paired(train: dict | None, variant: str | None, peer: dict | None, peer_vari
 
 # the result files the summary reads: {key: file name without the device suffix}
 RESULT_FILES = {"train": "train_throughput", "peer": "peer_llamafactory", "train_a": "train_throughput" + ALPACA,
-                "peer_a": "peer_llamafactory" + ALPACA, "gen": "generation", "gen32": "generation_float32"}
+                "peer_a": "peer_llamafactory" + ALPACA, "gen": "generation", "gen32": "generation_float32",
+                "gen_base": "generation_base_bfloat16", "gen_base32": "generation_base_float32"}
 
 
 def load_results(suffix: str = "") -> dict:
@@ -118,11 +124,11 @@ def load_results(suffix: str = "") -> dict:
 
 def headline(results: dict) -> dict:
     """summary.json's figures from load_results' files."""
-    train, peer, train_a, peer_a, gen, gen32 = (results[key] for key in RESULT_FILES)
+    train, peer, train_a, peer_a, gen, gen32, gen_base, gen_base32 = (results[key] for key in RESULT_FILES)
     mfus = results["mfus"]
     mfu, mfu_label = max(mfus, key=lambda pair: pair[0]["mfu"]) if mfus else (None, None)
     out = {k: None for k in TARGETS}
-    sources = [r for r in (train, peer, train_a, peer_a, gen, gen32, *(r for r, _ in mfus)) if r]
+    sources = [r for r in (train, peer, train_a, peer_a, gen, gen32, gen_base, gen_base32, *(r for r, _ in mfus)) if r]
     out["mfu"] = mfu["mfu"] if mfu else None
     out["mfu_variant"] = mfu_label
     out["speedup_vs_llamafactory"] = over_peer(train, peer, best_of(train, peer))
@@ -135,7 +141,7 @@ def headline(results: dict) -> dict:
         out["peak_rss_mb_low_memory"] = train_a["median"]["zhlora_low_memory"]["peak_rss_mb"]
     out["llamafactory_default_peak_rss_mb"] = (peer_a["median"]["lf_default"]["peak_rss_mb"]
                                                if peer_a and "lf_default" in peer_a["median"] else None)
-    for key, result in (("", gen), ("_float32", gen32)):
+    for key, result in (("", gen), ("_float32", gen32), ("_base_model", gen_base), ("_base_model_float32", gen_base32)):
         if result:
             out["speedup_batched" + key] = result["speedup_batched"]
             out["same_text_batched" + key] = result["same_text"].get("batched_refill")
@@ -225,8 +231,9 @@ def generation_rows(gen: dict, m: dict) -> list[str]:
     where = (gen.get("machine") or {}).get("cpu")  # a result file from before machines were recorded has none
     if where != m.get("cpu"):  # the VM's processor changed between the two benchmarks
         lines += ["", f"Generation measured on {where}, {gen.get('date')}."]
-    lines += ["", f"| generation, {gen['settings']['rows']} rows, {gen['settings']['dtype']} (median) | tokens/s | "
-                  "range | x one by one | same text |", "| --- | --- | --- | --- | --- |"]
+    who = "the base model" if gen.get("benchmark", "").startswith("generation_base") else "the adapter"
+    lines += ["", f"| generation, {who}, {gen['settings']['rows']} rows, {gen['settings']['dtype']} (median) | "
+                  "tokens/s | range | x one by one | same text |", "| --- | --- | --- | --- | --- |"]
     for mode, f in gen["median"].items():
         ratio, same = gen["ratio_to_one_by_one_greedy"].get(mode), gen["same_text"].get(mode)
         lines.append(f"| {mode} | {f['tokens_per_s']:.1f} | {f['tokens_per_s_range'][0]:.1f}-"
@@ -251,7 +258,7 @@ def markdown(summary: dict, results: dict) -> str:
         if rows:
             lines += ["", f"| training, {title} (median) | supervised tok/s | range | x LF best | total tok/s | "
                           "s/step | peak RSS MB | runs | measured (UTC) |", "| --- " * 9 + "|", *rows]
-    for gen in (results["gen"], results["gen32"]):
+    for gen in (results["gen"], results["gen32"], results["gen_base"], results["gen_base32"]):
         lines += generation_rows(gen, m) if gen else []
     lines += ["", "Reproduce: " + "; ".join(f"`{c}`" for c in COMMANDS)]
     return "\n".join(lines)

@@ -20,7 +20,7 @@ BENCH_TARGETS = {
 BENCH_COMMANDS = ["python bench/train_throughput.py", "bash bench/peer_llamafactory.sh", "bash bench/side_by_side.sh",
                   "python bench/mfu.py [--workload alpaca_zh_demo] [--variant zhlora_compile] --from_throughput",
                   "python bench/generation.py --run_dir outputs --profile [--dtype float32]",
-                  "python bench/summarize.py"]
+                  "python bench/generation.py --dtype {float32,bfloat16} --profile", "python bench/summarize.py"]
 
 
 def bench_targets(summary: dict) -> list[str]:
@@ -74,14 +74,16 @@ def section_bench(root: Path, data: Path, link: str) -> str:
         rows = bench_training(folder, suffix, (summary.get("measured") or {}).get(workload, {}))
         if rows:
             lines += ["", f"训练，{title}，30 步 × batch 4，最长 512 token：", "", *rows]
-    for gen in (read_json(folder / "generation.json"), read_json(folder / "generation_float32.json")):
+    for name in ("generation", "generation_float32", "generation_base_bfloat16", "generation_base_float32"):
+        gen = read_json(folder / f"{name}.json")
         if isinstance(gen, dict):
             lines += bench_generation(gen, summary)
     return "\n".join(lines)
 
 
 def bench_generation(gen: dict, summary: dict) -> list[str]:
-    """The guide's table of one generation result (the run's dtype, or fp32), after a blank line."""
+    """The guide's table of one generation result (the adapter or the base model; the run's dtype,
+    or fp32), after a blank line."""
     rows = [[f"`{mode}`", fmt(f["tokens_per_s"], 1), fmt(gen["ratio_to_one_by_one_greedy"].get(mode), 2),
              "-" if mode not in gen["same_text"] else f"{100 * gen['same_text'][mode]:.1f}%"]
             for mode, f in gen["median"].items()]
@@ -89,10 +91,16 @@ def bench_generation(gen: dict, summary: dict) -> list[str]:
     other = (gen.get("machine") or {}).get("cpu") != (summary.get("machine") or {}).get("cpu")
     where = f"（在 {machine_words(gen.get('machine'))} 上测得，{date_words(gen.get('date'))}）" if other else ""
     bf16 = gen["settings"].get("dtype") == "torch.bfloat16"
+    base = gen.get("benchmark", "").startswith("generation_base")  # no adapter: bench/generation.py --dtype D
+    who = "基座模型（不加 LoRA）" if base else "快速上手训练出的 LoRA"
+    one = gen["median"].get("one_by_one_greedy")
+    length = f"，平均每条答案 {one['new_tokens'] / gen['settings']['rows']:.0f} 个 token" if one else ""
     differs = min(gen["same_text"].values(), default=1.0) < 1.0
     why = ("bf16 权重下，一批行与单独一行的求和顺序不同；某一步最好的两个 token 的 logit 相差不到一个 bf16 精度单位"
-           "（logit 在 28 附近时是 0.125）时，就可能选到另一个，所以少数行的文本不同。fp32 权重下只有相差约 1e-5 "
-           "才会这样（`python bench/generation.py --run_dir outputs --dtype float32`）。") if bf16 and differs else ""
-    return ["", f"生成，测试集前 {gen['settings']['rows']} 条，贪心，最多 {gen['settings']['max_new_tokens']} "
-                f"个新 token，批大小 {gen['settings']['batch_size']}，{'bf16' if bf16 else 'fp32'} 权重{where}：", "",
+           "（logit 在 28 附近时是 0.125）时，就可能选到另一个，从那一步起这一行的文本就不同了；答案越长，遇到这种步的机会越多。"
+           "fp32 权重下只有相差约 1e-5 "
+           f"才会这样（`python bench/generation.py{'' if base else ' --run_dir outputs'} --dtype float32`）。"
+           ) if bf16 and differs else ""
+    return ["", f"生成，{who}，测试集前 {gen['settings']['rows']} 条，贪心，最多 {gen['settings']['max_new_tokens']} "
+                f"个新 token{length}，批大小 {gen['settings']['batch_size']}，{'bf16' if bf16 else 'fp32'} 权重{where}：", "",
             *table(["方式", "token/s", "相对逐条", "与逐条文本相同"], rows), *(["", why] if why else [])]
