@@ -208,8 +208,11 @@ def main(argv=None) -> int:
     others = others_share_if_idle(share)  # over the timed repeats and the profile
     if others is None:
         return 1
-    # fp32: the exactness reference; the base model's answers (no adapter) run long, where batching pays most
-    name = "generation" + ("" if args.run_dir else "_base") + ("" if args.dtype == "run" else f"_{args.dtype}")
+    # fp32: the exactness reference; the base model's answers (no adapter) run long, where batching pays most,
+    # and its file always names the dtype it ran in (generation_base_float32.json)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    name = (f"generation_base_{dtype}" if not args.run_dir
+            else "generation" + ("" if args.dtype == "run" else f"_{args.dtype}"))
     write_result(result_name(name, args.device), {
         "machine": machine(args.device),
         "settings": {"rows": len(rows), "test_file": Path(args.test_file).name, "max_new_tokens": args.max_new_tokens,

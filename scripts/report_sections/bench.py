@@ -98,8 +98,8 @@ def bench_generation(gen: dict, summary: dict) -> list[str]:
     differs = min(gen["same_text"].values(), default=1.0) < 1.0
     why = ("bf16 权重下，一批行与单独一行的求和顺序不同；某一步最好的两个 token 的 logit 相差不到一个 bf16 精度单位"
            "（logit 在 28 附近时是 0.125）时，就可能选到另一个，从那一步起这一行的文本就不同了；答案越长，遇到这种步的机会越多。"
-           "fp32 权重下只有相差约 1e-5 "
-           f"才会这样（`python bench/generation.py{'' if base else ' --run_dir outputs'} --dtype float32`）。"
+           f"fp32 权重下只有相差约 1e-5 才会这样（`python bench/generation.py{'' if base else ' --run_dir outputs'} "
+           "--dtype float32`）。"
            ) if bf16 and differs else ""
     return ["", f"生成，{who}，测试集前 {gen['settings']['rows']} 条，贪心，最多 {gen['settings']['max_new_tokens']} "
                 f"个新 token{length}，批大小 {gen['settings']['batch_size']}，{'bf16' if bf16 else 'fp32'} 权重{where}：", "",
