@@ -127,6 +127,28 @@ def test_refill_passes_the_cache_by_its_current_name(penalised_model, caplog):
     assert not [line for line in said if "past_key_values" in line]
 
 
+def test_peft_wrapping_hides_only_the_deprecated_read_peft_makes(tiny_model_dir, tiny_run_dir):
+    """Training's get_peft_model and loading a run print no FutureWarning about PEFT reading
+    `is_gradient_checkpointing`; any other warning still gets through."""
+    import warnings
+
+    from zhlora.adapter import apply_lora, peft_wrapping
+    from zhlora.config import load_config
+    from zhlora.generation import load_run
+    from zhlora.models import load_model
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "model.device=cpu"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_lora(load_model(cfg.model)[0], cfg)
+        load_run(tiny_run_dir)
+        with peft_wrapping():
+            warnings.warn("another FutureWarning", FutureWarning)
+    said = [str(w.message) for w in caught]
+    assert not [line for line in said if "is_gradient_checkpointing" in line]
+    assert "another FutureWarning" in said
+
+
 def test_refill_sampling_repeats_with_its_seed_and_follows_temperature(penalised_model):
     from zhlora.generation import generate
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +41,17 @@ def upcast_trainable(model):
     return model
 
 
+@contextmanager
+def peft_wrapping():
+    """Around PEFT's wrapping of a model (get_peft_model, PeftModel.from_pretrained). PEFT 0.21
+    reads `model.is_gradient_checkpointing`, which transformers 5.24 deprecated for
+    `is_activation_checkpointing`: a FutureWarning on every wrap, in every learner's quick start,
+    that only PEFT can act on. Only that message, only here, is hidden."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_lora(model, cfg: Config):
     """Wrap a base model for training according to cfg.lora / cfg.training.method.
 
@@ -61,7 +74,8 @@ def apply_lora(model, cfg: Config):
                              target_modules=target_modules(lora.target_modules), use_dora=lora.use_dora,
                              use_rslora=lora.use_rslora, task_type="CAUSAL_LM")
     try:  # PEFT upcasts bf16 adapters itself (autocast_adapter_dtype); upcast_trainable checks the rest
-        return upcast_trainable(get_peft_model(model, peft_config))
+        with peft_wrapping():
+            return upcast_trainable(get_peft_model(model, peft_config))
     except ValueError as err:  # e.g. target modules not found in the model
         raise ConfigError(f"lora.target_modules={lora.target_modules}: {err}") from None
 

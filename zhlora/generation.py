@@ -67,9 +67,12 @@ def load_run(model_path: str | Path, device: str | None = None, allow_pickle: bo
     if (model_path / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        from zhlora.adapter import peft_wrapping
+
         model, _ = load_model(cfg.model)
         safety.check_adapter_folder(model_path, model.config, allow_pickle, base_model=model)
-        model = PeftModel.from_pretrained(model, str(model_path), adapter_name=adapter_name)
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, str(model_path), adapter_name=adapter_name)
     elif (model_path / "config.json").is_file():
         safety.check_model_folder(model_path, allow_pickle)
         cfg.model.name = str(model_path)  # a full fine-tune is a whole model
