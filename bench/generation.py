@@ -210,14 +210,14 @@ def main(argv=None) -> int:
         return 1
     # fp32: the exactness reference; the base model's answers (no adapter) run long, where batching pays most,
     # and its file always names the dtype it ran in (generation_base_float32.json)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    name = (f"generation_base_{dtype}" if not args.run_dir
+    dtype = str(next(model.parameters()).dtype)
+    name = (f"generation_base_{dtype.removeprefix('torch.')}" if not args.run_dir
             else "generation" + ("" if args.dtype == "run" else f"_{args.dtype}"))
     write_result(result_name(name, args.device), {
         "machine": machine(args.device),
         "settings": {"rows": len(rows), "test_file": Path(args.test_file).name, "max_new_tokens": args.max_new_tokens,
                      "batch_size": args.batch_size, "repeats": args.repeats,
-                     "dtype": str(next(model.parameters()).dtype), "model": args.run_dir or args.model,
+                     "dtype": dtype, "model": args.run_dir or args.model,
                      "sampling": {"temperature": args.temperature, "top_p": args.top_p}},
         "cpu_others_share": others, "median": median, "ratio_to_one_by_one_greedy": ratios,
         "speedup_batched": ratios.get("batched_refill"), "same_text": same, "profile": phases, "runs": runs})
